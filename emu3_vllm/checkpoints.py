@@ -24,7 +24,8 @@ IMAGE_TOKEN = "<image>"  # placeholder; takes the slot of <|extra_0|>
 BOI_TOKEN = "<|image start|>"
 EOI_TOKEN = "<|image end|>"
 IMAGE_WRAPPER_TOKEN = "<|image token|>"
-OTHER_SPECIAL_TOKENS = ("<|video start|>", "<|video end|>")
+# Between <|endoftext|> and the extras in Emu3's vocabulary (so the extras start at 151646 in the real shape).
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
 
 
 def visual_token(code: int) -> str:
@@ -127,9 +128,11 @@ def build_tokenizer(codebook_size: int, base_vocab: int = 256):
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
 
-    specials = [PAD_TOKEN]
+    # Emu3's order: with base_vocab=151643 this reproduces the released ids (BOS 151849, EOS 151850,
+    # EOL 151846, EOF 151847, <|image token|> 151851, first visual token 151854, vocab 184622).
+    specials = [PAD_TOKEN, *CHAT_TOKENS]
     specials += [IMAGE_TOKEN if k == 0 else f"<|extra_{k}|>" for k in range(EXTRA_TOKENS)]
-    specials += [IMAGE_WRAPPER_TOKEN, BOI_TOKEN, EOI_TOKEN, *OTHER_SPECIAL_TOKENS]
+    specials += [IMAGE_WRAPPER_TOKEN, BOI_TOKEN, EOI_TOKEN]
     specials += [visual_token(c) for c in range(codebook_size)]
     backend.add_special_tokens(specials)
 
