@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .prompts import DEFAULT_SYSTEM_PROMPT, understanding_prompt
+from .prompts import (DEFAULT_CFG_SCALE, DEFAULT_SYSTEM_PROMPT, NEGATIVE_PROMPT, POSITIVE_SUFFIX,
+                      understanding_prompt)
 
 logger = logging.getLogger("emu3_vllm")
 
@@ -43,6 +44,23 @@ class Answer(str):
 class UnderstandingItem:
     text: str
     images: tuple[Any, ...] = ()
+
+
+@dataclass
+class GeneratedImage:
+    """One text-to-image result: `image` (PIL) and `codes` (the (h, w) VQ code grid), or `error`."""
+
+    prompt: Any
+    height: int
+    width: int
+    seed: int | None
+    image: Any = None
+    codes: list[list[int]] | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
 
 
 class ItemError(ValueError):
@@ -109,10 +127,24 @@ class Emu3:
         from transformers import Emu3Processor
         from vllm import LLM
 
+        from .cfg_processor import Emu3CfgLogitsProcessor
+        from .layout import ImageTokenIds
+
+        # CFG pairing is implemented for the V1 model runner's logits-processor interface; GPU builds default to
+        # Model Runner V2, which rejects that interface.
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
         self.model = str(model)
         self.processor = Emu3Processor.from_pretrained(self.model)
+        self.token_ids = ImageTokenIds.from_tokenizer(self.processor.tokenizer)
+        engine_kwargs.setdefault("logits_processors", [Emu3CfgLogitsProcessor])
+        engine_kwargs.setdefault("scheduler_cls", "emu3_vllm.scheduler.PairAwareScheduler")
         self.llm = LLM(model=self.model, seed=seed, **engine_kwargs)
-        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        vllm_config = self.llm.llm_engine.vllm_config
+        self.max_model_len = vllm_config.model_config.max_model_len
+        self._kv_blocks = vllm_config.cache_config.num_gpu_blocks
+        self._block_size = vllm_config.cache_config.block_size
+        self._max_batched_tokens = vllm_config.scheduler_config.max_num_batched_tokens
+        self._vq_decoder = None
 
     def close(self) -> None:
         """Shut the engine down now and free its memory (instead of at interpreter exit)."""
@@ -213,3 +245,158 @@ class Emu3:
                 completion = out.outputs[0]
                 answers[i] = Answer(completion.text, token_ids=completion.token_ids)
         return [a if a is not None else Answer(error=f"item {i}: no output") for i, a in enumerate(answers)]
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Text to image
+
+    def _prompt_len(self, text: str) -> int:
+        return len(self.processor.tokenizer.encode(text, add_special_tokens=False))
+
+    def image_generation_prompts(self, prompt: str, h: int, w: int, negative_prompt: str,
+                                 positive_suffix: str) -> tuple[str, str]:
+        """(cond, uncond) prompt texts. Both end with the image header, as in Emu3's official script."""
+        from .layout import header_text
+
+        tok = self.processor.tokenizer
+        header = header_text(h, w, boi_token=tok.boi_token, image_wrapper_token=tok.image_wrapper_token)
+        return (self.bos_token + prompt + positive_suffix + header, self.bos_token + negative_prompt + header)
+
+    def _check_generation_item(self, prompt: Any, height: Any, width: Any, cfg_scale: Any, where: str):
+        import math
+
+        from .layout import num_image_tokens, pixels_to_grid
+
+        if not isinstance(prompt, str):
+            raise ItemError(f"{where}: prompt must be a string, got {type(prompt).__name__}")
+        if not prompt.strip():
+            raise ItemError(f"{where}: prompt is empty")
+        if not isinstance(cfg_scale, (int, float)) or isinstance(cfg_scale, bool) or not math.isfinite(cfg_scale) \
+                or cfg_scale <= 0:
+            raise ItemError(f"{where}: cfg_scale must be a finite number > 0, got {cfg_scale!r}")
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ItemError(f"{where}: {name} must be a positive integer, got {value!r}")
+        try:
+            h, w = pixels_to_grid(height, width)
+        except ValueError as exc:
+            raise ItemError(f"{where}: {exc}") from exc
+        return h, w, num_image_tokens(h, w)
+
+    def _check_fits(self, where: str, cond_len: int, uncond_len: int, n_tokens: int, h: int, w: int) -> None:
+        longest = max(cond_len, uncond_len) + n_tokens
+        if longest > self.max_model_len:
+            raise ItemError(f"{where}: a {h * 8}x{w * 8} image needs {n_tokens} tokens after a {max(cond_len, uncond_len)}"
+                            f"-token prompt: {longest} positions, beyond the model's max_model_len "
+                            f"{self.max_model_len}")
+        blocks = -(-(cond_len + n_tokens) // self._block_size) + -(-(uncond_len + n_tokens) // self._block_size)
+        if self._kv_blocks is not None and blocks > self._kv_blocks:
+            raise ItemError(f"{where}: the image's two CFG halves need {blocks} KV blocks; the cache has "
+                            f"{self._kv_blocks} (raise the KV cache size)")
+        if cond_len + uncond_len > self._max_batched_tokens:
+            raise ItemError(f"{where}: the two prompts ({cond_len + uncond_len} tokens) exceed "
+                            f"max_num_batched_tokens {self._max_batched_tokens}")
+
+    def generate_images(
+        self,
+        prompts: Iterable[Any],
+        height: int = 720,
+        width: int = 720,
+        cfg_scale: float = DEFAULT_CFG_SCALE,
+        negative_prompt: str = NEGATIVE_PROMPT,
+        positive_suffix: str = POSITIVE_SUFFIX,
+        top_k: int = 2048,
+        temperature: float = 1.0,
+        seed: int | Sequence[int] | None = None,
+        decode: bool = True,
+        use_tqdm: bool = True,
+    ) -> list[GeneratedImage]:
+        """Text to image with classifier-free guidance; one result per prompt, in order.
+
+        All images go to the engine at once so vLLM batches them; the two halves of each image (prompt +
+        `positive_suffix`, and `negative_prompt`) are kept in lockstep by the pair-aware scheduler and guided by
+        the CFG logits processor. `temperature=0` is greedy. `seed`: None draws a seed per image, an int gives
+        image i the seed `seed + i`, a sequence gives one seed per prompt. The size is rounded to multiples of 8.
+        """
+        import secrets
+
+        from vllm import SamplingParams
+
+        from .cfg_processor import COND, EXTRA_ARGS_KEY, UNCOND
+        from .layout import LayoutError, grid_to_pixels, parse_image_tokens
+
+        prompts = list(prompts)
+        if isinstance(seed, (list, tuple)):
+            if len(seed) != len(prompts):
+                raise ValueError(f"got {len(seed)} seeds for {len(prompts)} prompts")
+            seeds = [int(s) for s in seed]
+        elif seed is None:
+            seeds = [secrets.randbits(31) for _ in prompts]
+        else:
+            seeds = [int(seed) + i for i in range(len(prompts))]
+
+        results: list[GeneratedImage] = []
+        enqueued: list[tuple[int, str]] = []  # (item, role) in submission order
+        grids: dict[int, tuple[int, int]] = {}
+        call_id = secrets.token_hex(4)
+        for i, prompt in enumerate(prompts):
+            where = f"item {i}"
+            result = GeneratedImage(prompt=prompt, height=height, width=width, seed=seeds[i])
+            results.append(result)
+            try:
+                h, w, n_tokens = self._check_generation_item(prompt, height, width, cfg_scale, where)
+                result.height, result.width = grid_to_pixels(h, w)
+                cond, uncond = self.image_generation_prompts(prompt, h, w, negative_prompt, positive_suffix)
+                self._check_fits(where, self._prompt_len(cond), self._prompt_len(uncond), n_tokens, h, w)
+                tag = {"pair": f"{call_id}:{i}", "scale": float(cfg_scale), "h": h, "w": w, "seed": seeds[i],
+                       "temperature": float(temperature), "top_k": int(top_k)}
+                added = []
+                try:
+                    for role, text in ((COND, cond), (UNCOND, uncond)):
+                        params = SamplingParams(max_tokens=n_tokens, temperature=0.0,
+                                                extra_args={EXTRA_ARGS_KEY: {**tag, "role": role}})
+                        added += self.llm.enqueue({"prompt": text}, params, use_tqdm=False)
+                except Exception as exc:
+                    if added:  # never leave a half waiting for a twin that will not come
+                        self.llm.llm_engine.abort_request(added)
+                    raise ItemError(f"{where}: rejected by the engine: {exc}") from exc
+                enqueued += [(i, COND), (i, UNCOND)]
+                grids[i] = (h, w)
+            except ItemError as exc:
+                logger.warning("%s", exc)
+                result.error = str(exc)
+
+        outputs = self.llm.wait_for_completion(use_tqdm=use_tqdm) if enqueued else []
+        if len(outputs) != len(enqueued):
+            raise RuntimeError(f"engine returned {len(outputs)} outputs for {len(enqueued)} requests")
+        token_ids: dict[tuple[int, str], list[int]] = {}
+        for key, out in zip(enqueued, outputs):
+            token_ids[key] = list(out.outputs[0].token_ids)
+
+        to_decode = []
+        for i, (h, w) in grids.items():
+            cond_ids, uncond_ids = token_ids[(i, COND)], token_ids[(i, UNCOND)]
+            try:
+                if cond_ids != uncond_ids:
+                    raise LayoutError("the CFG halves generated different tokens")
+                results[i].codes = parse_image_tokens(cond_ids, h, w, self.token_ids)
+                to_decode.append(i)
+            except LayoutError as exc:
+                ended_early = self.token_ids.eos in cond_ids[:-1] or (
+                    cond_ids and cond_ids[-1] == self.token_ids.eos and len(cond_ids) < h * (w + 1) + 3)
+                reason = ("its CFG halves fell out of lockstep and the image was stopped "
+                          f"after {len(cond_ids)} tokens") if ended_early else str(exc)
+                results[i].error = f"item {i}: generation failed: {reason}"
+                logger.warning("%s", results[i].error)
+        if decode and to_decode:
+            images = self.decode_images([results[i].codes for i in to_decode])
+            for i, image in zip(to_decode, images):
+                results[i].image = image
+        return results
+
+    def decode_images(self, grids: list[list[list[int]]]) -> list:
+        """PIL images from VQ code grids (transformers' Emu3 VQ-VAE, loaded once)."""
+        if self._vq_decoder is None:
+            from .vq import VQDecoder
+
+            self._vq_decoder = VQDecoder(self.model)
+        return self._vq_decoder.decode(grids)

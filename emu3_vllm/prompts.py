@@ -23,3 +23,12 @@ def understanding_prompt(text: str, num_images: int, *, image_token: str,
         raise ValueError(f"the text has {placed} {image_token} placeholder(s) but {num_images} image(s) were given")
     prefix = f"{system_prompt} " if system_prompt else ""
     return f"{prefix}USER: {text}. ASSISTANT:"
+
+
+# Emu3's official text-to-image defaults (baaivision/Emu3 `image_generation.py`).
+POSITIVE_SUFFIX = " masterpiece, film grained, best quality."
+NEGATIVE_PROMPT = (
+    "lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, cropped, worst "
+    "quality, low quality, normal quality, jpeg artifacts, signature, watermark, username, blurry."
+)
+DEFAULT_CFG_SCALE = 3.0
