@@ -144,6 +144,11 @@ class Emu3:
         self._kv_blocks = vllm_config.cache_config.num_gpu_blocks
         self._block_size = vllm_config.cache_config.block_size
         self._max_batched_tokens = vllm_config.scheduler_config.max_num_batched_tokens
+        scheduler_cls = vllm_config.scheduler_config.scheduler_cls
+        self._pair_scheduler = "PairAwareScheduler" in str(getattr(scheduler_cls, "__name__", scheduler_cls))
+        if not self._pair_scheduler:
+            logger.warning("scheduler %s is not emu3_vllm's PairAwareScheduler: CFG pairs may fall out of lockstep "
+                           "(such images fail with an error)", scheduler_cls)
         self._vq_decoder = None
 
     def close(self) -> None:
@@ -292,7 +297,7 @@ class Emu3:
         if self._kv_blocks is not None and blocks > self._kv_blocks:
             raise ItemError(f"{where}: the image's two CFG halves need {blocks} KV blocks; the cache has "
                             f"{self._kv_blocks} (raise the KV cache size)")
-        if cond_len + uncond_len > self._max_batched_tokens:
+        if self._pair_scheduler and cond_len + uncond_len > self._max_batched_tokens:
             raise ItemError(f"{where}: the two prompts ({cond_len + uncond_len} tokens) exceed "
                             f"max_num_batched_tokens {self._max_batched_tokens}")
 
@@ -316,6 +321,7 @@ class Emu3:
         `positive_suffix`, and `negative_prompt`) are kept in lockstep by the pair-aware scheduler and guided by
         the CFG logits processor. `temperature=0` is greedy. `seed`: None draws a seed per image, an int gives
         image i the seed `seed + i`, a sequence gives one seed per prompt. The size is rounded to multiples of 8.
+        A prompt may be a dict overriding `height`, `width`, `cfg_scale`, `seed`, `negative_prompt` for itself.
         """
         import secrets
 
@@ -340,14 +346,26 @@ class Emu3:
         call_id = secrets.token_hex(4)
         for i, prompt in enumerate(prompts):
             where = f"item {i}"
+            item = dict(prompt=prompt, height=height, width=width, cfg_scale=cfg_scale, seed=seeds[i],
+                        negative_prompt=negative_prompt)
             result = GeneratedImage(prompt=prompt, height=height, width=width, seed=seeds[i])
             results.append(result)
             try:
-                h, w, n_tokens = self._check_generation_item(prompt, height, width, cfg_scale, where)
+                if isinstance(prompt, dict):  # per-item overrides
+                    unknown = set(prompt) - set(item)
+                    if unknown:
+                        raise ItemError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(item)}")
+                    item.update(prompt)
+                    result.prompt, result.seed = item["prompt"], item["seed"]
+                    result.height, result.width = item["height"], item["width"]
+                h, w, n_tokens = self._check_generation_item(item["prompt"], item["height"], item["width"],
+                                                             item["cfg_scale"], where)
                 result.height, result.width = grid_to_pixels(h, w)
-                cond, uncond = self.image_generation_prompts(prompt, h, w, negative_prompt, positive_suffix)
+                cond, uncond = self.image_generation_prompts(item["prompt"], h, w, item["negative_prompt"],
+                                                             positive_suffix)
                 self._check_fits(where, self._prompt_len(cond), self._prompt_len(uncond), n_tokens, h, w)
-                tag = {"pair": f"{call_id}:{i}", "scale": float(cfg_scale), "h": h, "w": w, "seed": seeds[i],
+                tag = {"pair": f"{call_id}:{i}", "scale": float(item["cfg_scale"]), "h": h, "w": w,
+                       "seed": int(item["seed"]),
                        "temperature": float(temperature), "top_k": int(top_k)}
                 added = []
                 try:
