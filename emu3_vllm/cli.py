@@ -91,8 +91,26 @@ def cmd_understand(args) -> int:
     return _print_answers(items, answers)
 
 
+def cmd_generate(args) -> int:
+    from .batch_io import generate_to_dir, read_prompts
+
+    _cpu_defaults()
+    prompts = read_prompts(args.prompts)
+    engine = _engine(args)
+    try:
+        kwargs = dict(height=args.height, width=args.width, cfg_scale=args.cfg_scale, top_k=args.top_k,
+                      temperature=args.temperature)
+        if args.negative_prompt is not None:
+            kwargs["negative_prompt"] = args.negative_prompt
+        stats = generate_to_dir(engine, prompts, args.out, batch=args.batch, seed=args.seed, **kwargs)
+    finally:
+        engine.close()
+    print(json.dumps({"out": args.out, **stats}))
+    return 1 if stats["failed"] and not stats["written"] and not stats["skipped"] else 0
+
+
 def cmd_demo(args) -> int:
-    """Build the tiny checkpoint (once) and answer a few questions with it, images included."""
+    """Build the tiny checkpoint (once), answer a few questions with it and generate a few images to disk."""
     import numpy as np
     from PIL import Image
 
@@ -121,10 +139,16 @@ def cmd_demo(args) -> int:
     engine = _engine(args)
     try:
         answers = engine.understand(items, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+        code = _print_answers(items, answers)
+        from .batch_io import generate_to_dir
+
+        prompts = ["a red emu in the desert", "a city skyline at night", "a bowl of fruit", "a snowy mountain"]
+        stats = generate_to_dir(engine, prompts, out / "generated", batch=len(prompts), height=64, width=64)
     finally:
         engine.close()
-    print("(random weights: the answers are noise; the point is the pipeline)", file=sys.stderr)
-    return _print_answers(items, answers)
+    print(json.dumps({"generated_images": str(out / "generated"), **stats}))
+    print("(random weights: answers and images are noise; the point is the pipeline)", file=sys.stderr)
+    return code
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -161,7 +185,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(p)
     p.set_defaults(func=cmd_understand)
 
-    p = sub.add_parser("demo", help="build the tiny checkpoint and run understanding on it")
+    p = sub.add_parser("generate", help="text to image with CFG: PNGs + manifest.jsonl, resumable")
+    p.add_argument("--model", required=True, help="Emu3 (Gen) checkpoint directory")
+    p.add_argument("--prompts", required=True, help="a prompt, a text file (one per line) or a .jsonl file")
+    p.add_argument("--out", required=True, help="output folder; re-running skips images already written")
+    p.add_argument("--height", type=int, default=720)
+    p.add_argument("--width", type=int, default=720)
+    p.add_argument("--cfg-scale", dest="cfg_scale", type=float, default=3.0)
+    p.add_argument("--top-k", dest="top_k", type=int, default=2048)
+    p.add_argument("--negative-prompt", dest="negative_prompt")
+    p.add_argument("--batch", type=int, default=64, help="images per engine call (written after each)")
+    _add_engine_args(p)
+    p.set_defaults(func=cmd_generate, temperature=1.0)
+
+    p = sub.add_parser("demo", help="build the tiny checkpoint, answer questions and generate images with it")
     p.add_argument("--out", default="out", help="where the checkpoint and demo images go")
     _add_engine_args(p)
     p.set_defaults(func=cmd_demo, dtype="float32", max_new_tokens=16, enforce_eager=True)
