@@ -173,6 +173,15 @@ class Emu3:
                                "set before the engine starts (vLLM sends the function to its workers by pickle)")
         return self.llm.apply_model(probe)[0]
 
+    def _wait(self, expected: int, use_tqdm: bool) -> list:
+        """Run everything enqueued as one batch; outputs come in submission order."""
+        if not expected:
+            return []
+        outputs = self.llm.wait_for_completion(use_tqdm=use_tqdm)
+        if len(outputs) != expected:
+            raise RuntimeError(f"engine returned {len(outputs)} outputs for {expected} requests")
+        return outputs
+
     def model_class(self) -> str:
         """`module:Class` of the model the engine loaded (emu3_vllm's native model, not a fallback)."""
         from . import engine_probes
@@ -243,10 +252,7 @@ class Emu3:
                 answers[i] = Answer(error=str(exc))
 
         if enqueued:
-            outputs = self.llm.wait_for_completion(use_tqdm=use_tqdm)
-            if len(outputs) != len(enqueued):
-                raise RuntimeError(f"engine returned {len(outputs)} outputs for {len(enqueued)} requests")
-            for i, out in zip(enqueued, outputs):
+            for i, out in zip(enqueued, self._wait(len(enqueued), use_tqdm)):
                 completion = out.outputs[0]
                 answers[i] = Answer(completion.text, token_ids=completion.token_ids)
         return [a if a is not None else Answer(error=f"item {i}: no output") for i, a in enumerate(answers)]
@@ -288,12 +294,17 @@ class Emu3:
         return h, w, num_image_tokens(h, w)
 
     def _check_fits(self, where: str, cond_len: int, uncond_len: int, n_tokens: int, h: int, w: int) -> None:
+        from vllm.utils.math_utils import cdiv
+
+        from .layout import grid_to_pixels
+
         longest = max(cond_len, uncond_len) + n_tokens
         if longest > self.max_model_len:
-            raise ItemError(f"{where}: a {h * 8}x{w * 8} image needs {n_tokens} tokens after a {max(cond_len, uncond_len)}"
+            height, width = grid_to_pixels(h, w)
+            raise ItemError(f"{where}: a {height}x{width} image needs {n_tokens} tokens after a {max(cond_len, uncond_len)}"
                             f"-token prompt: {longest} positions, beyond the model's max_model_len "
                             f"{self.max_model_len}")
-        blocks = -(-(cond_len + n_tokens) // self._block_size) + -(-(uncond_len + n_tokens) // self._block_size)
+        blocks = cdiv(cond_len + n_tokens, self._block_size) + cdiv(uncond_len + n_tokens, self._block_size)
         if self._kv_blocks is not None and blocks > self._kv_blocks:
             raise ItemError(f"{where}: the image's two CFG halves need {blocks} KV blocks; the cache has "
                             f"{self._kv_blocks} (raise the KV cache size)")
@@ -383,11 +394,8 @@ class Emu3:
                 logger.warning("%s", exc)
                 result.error = str(exc)
 
-        outputs = self.llm.wait_for_completion(use_tqdm=use_tqdm) if enqueued else []
-        if len(outputs) != len(enqueued):
-            raise RuntimeError(f"engine returned {len(outputs)} outputs for {len(enqueued)} requests")
         token_ids: dict[tuple[int, str], list[int]] = {}
-        for key, out in zip(enqueued, outputs):
+        for key, out in zip(enqueued, self._wait(len(enqueued), use_tqdm)):
             token_ids[key] = list(out.outputs[0].token_ids)
 
         to_decode = []

@@ -69,7 +69,7 @@ class Emu3CfgLogitsProcessor(LogitsProcessor):
         self.device = device
         self.rows: dict[int, PairHalf] = {}
         self.failed_pairs: set[str] = set()
-        self._visual_mask: torch.Tensor | None = None
+        self._masks: dict[Slot, torch.Tensor] = {}  # allowed-token mask per slot kind, built once
 
     def is_argmax_invariant(self) -> bool:
         return False
@@ -87,15 +87,14 @@ class Emu3CfgLogitsProcessor(LogitsProcessor):
 
     def _allowed(self, k: int, h: int, w: int, vocab_size: int) -> torch.Tensor:
         s = slot(k, h, w)
-        if s is Slot.VISUAL:
-            if self._visual_mask is None or self._visual_mask.shape[0] != vocab_size:
-                mask = torch.zeros(vocab_size, dtype=torch.bool, device=self.device)
-                mask[torch.tensor(self.ids.visual, device=self.device)] = True
-                self._visual_mask = mask
-            return self._visual_mask
-        token = {Slot.EOL: self.ids.eol, Slot.EOF: self.ids.eof, Slot.EOI: self.ids.eoi}.get(s, self.ids.eos)
-        mask = torch.zeros(vocab_size, dtype=torch.bool, device=self.device)
-        mask[token] = True
+        if s is Slot.DONE:
+            s = Slot.EOS  # a pair past its end is only ever ended
+        mask = self._masks.get(s)
+        if mask is None or mask.shape[0] != vocab_size:
+            mask = torch.zeros(vocab_size, dtype=torch.bool, device=self.device)
+            allowed = self.ids.visual if s is Slot.VISUAL else (self.ids.slot_token(s),)
+            mask[torch.tensor(allowed, device=self.device)] = True
+            self._masks[s] = mask
         return mask
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
@@ -105,6 +104,7 @@ class Emu3CfgLogitsProcessor(LogitsProcessor):
         for index, half in self.rows.items():
             halves.setdefault(half.pair, {})[half.role] = index
 
+        self.failed_pairs &= halves.keys()  # forget pairs whose requests have all finished
         vocab_size = logits.shape[1]
         cond_rows, uncond_rows, pairs = [], [], []
         broken: list[int] = []

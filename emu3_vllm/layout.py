@@ -68,6 +68,11 @@ class ImageTokenIds:
     def codebook_size(self) -> int:
         return len(self.visual)
 
+    def slot_token(self, s: "Slot") -> int | None:
+        """The one token a single-token slot allows (EOL, EOF, EOI, EOS; pad past the end, if known)."""
+        return {Slot.EOL: self.eol, Slot.EOF: self.eof, Slot.EOI: self.eoi, Slot.EOS: self.eos,
+                Slot.DONE: self.pad}[s]
+
 
 def num_image_tokens(h: int, w: int) -> int:
     """Generated tokens for an h x w token grid: h rows of w + EOL, then EOF, EOI, EOS."""
@@ -87,9 +92,8 @@ def allowed_token_ids(k: int, h: int, w: int, ids: ImageTokenIds) -> Sequence[in
     s = slot(k, h, w)
     if s is Slot.VISUAL:
         return ids.visual
-    if s is Slot.DONE:
-        return () if ids.pad is None else (ids.pad,)
-    return ({Slot.EOL: ids.eol, Slot.EOF: ids.eof, Slot.EOI: ids.eoi, Slot.EOS: ids.eos}[s],)
+    token = ids.slot_token(s)
+    return () if token is None else (token,)
 
 
 def header_text(h: int, w: int, *, boi_token: str, image_wrapper_token: str) -> str:

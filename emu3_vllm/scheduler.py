@@ -15,25 +15,22 @@ Requests without CFG tags are scheduled as stock vLLM does.
 
 from __future__ import annotations
 
+from vllm.utils.math_utils import cdiv
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from .cfg_processor import cfg_args
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 class PairAwareScheduler(Scheduler):
     def _full_blocks(self, request) -> int:
-        return _cdiv(request.num_prompt_tokens + request.max_tokens, self.block_size)
+        return cdiv(request.num_prompt_tokens + request.max_tokens, self.block_size)
 
     def _reserved_blocks(self) -> int:
         """Blocks running pairs may still claim before they finish (one spare each for lookahead)."""
         reserved = 0
         for request in self.running:
             if cfg_args(request.sampling_params) is not None:
-                reserved += max(0, self._full_blocks(request) - _cdiv(request.num_tokens, self.block_size)) + 1
+                reserved += max(0, self._full_blocks(request) - cdiv(request.num_tokens, self.block_size)) + 1
         return reserved
 
     def _pairs_to_hold(self) -> list:
