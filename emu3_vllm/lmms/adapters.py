@@ -1,0 +1,326 @@
+"""lmms-eval models `emu3_vllm` and `emu3_vllm_visual_cot`: thin adapters over `emu3_vllm.Emu3`.
+
+They translate lmms-eval requests into batched `Emu3.understand` / `Emu3.generate_images` calls and the results
+back, accepting the model_args of the HF-based Emu3 integration (see the README's table).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loguru import logger as eval_logger
+from lmms_eval.api.instance import Instance
+from lmms_eval.api.model import lmms
+
+from ..prompts import NEGATIVE_PROMPT
+
+# The HF integration's default template for the image to draw when a task gives no [GEN_PROMPT].
+GENERATION_PROMPT_TEMPLATE = "Generate a detailed visual diagram or illustration to help answer this question: {question}"
+_GEN_PROMPT = re.compile(r"\[GEN_PROMPT\](.*?)\[/GEN_PROMPT\]", re.S)
+_QUESTION = re.compile(r"\[QUESTION\](.*?)\[/QUESTION\]", re.S)
+
+
+def _engine_kwargs(tensor_parallel_size, device_map, gpu_memory_utilization, max_num_seqs, dtype, max_model_len,
+                   enforce_eager, extra: dict) -> dict:
+    """vllm.LLM kwargs from model_args; unknown model_args are logged and ignored."""
+    import dataclasses
+
+    from vllm import EngineArgs
+
+    if device_map not in (None, "auto", "cuda", "cuda:0", "cpu") and tensor_parallel_size is None:
+        eval_logger.warning(f"device_map={device_map!r} has no vLLM meaning; use tensor_parallel_size")
+    kwargs: dict[str, Any] = {"tensor_parallel_size": int(tensor_parallel_size or 1)}
+    for name, value in (("gpu_memory_utilization", gpu_memory_utilization), ("max_num_seqs", max_num_seqs),
+                        ("dtype", dtype), ("max_model_len", max_model_len), ("enforce_eager", enforce_eager)):
+        if value is not None:
+            kwargs[name] = value
+    engine_fields = {f.name for f in dataclasses.fields(EngineArgs)}
+    for name, value in extra.items():
+        if name in engine_fields:
+            kwargs[name] = json.loads(value) if isinstance(value, str) and value.startswith("{") else value
+        else:
+            eval_logger.warning(f"emu3_vllm: ignoring unknown model_arg {name}={value!r}")
+    return kwargs
+
+
+def _visuals(adapter: lmms, doc_to_visual, doc_id, task, split) -> list:
+    visuals = doc_to_visual(adapter.task_dict[task][split][doc_id])
+    if visuals is None:
+        return []
+    if not isinstance(visuals, (list, tuple)):
+        visuals = [visuals]
+    flat = []
+    for v in visuals:
+        flat.extend(v if isinstance(v, (list, tuple)) else [v])
+    return [v for v in flat if v is not None]
+
+
+@dataclass
+class _Doc:
+    """One request, its images loaded (or the reason they could not be)."""
+
+    index: int
+    context: str
+    gen_kwargs: dict
+    task: str
+    doc_id: Any
+    images: list = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.task} doc {self.doc_id}"
+
+
+def _collect(adapter: lmms, requests: list[Instance]) -> list[_Doc]:
+    docs = []
+    for i, request in enumerate(requests):
+        context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args[:6]
+        doc = _Doc(i, context, dict(gen_kwargs or {}), task, doc_id)
+        try:
+            doc.images = _visuals(adapter, doc_to_visual, doc_id, task, split)
+        except Exception as exc:  # a corrupt or missing image in the dataset
+            doc.error = f"{doc.name}: cannot load its images ({type(exc).__name__}: {exc})"
+        docs.append(doc)
+    return docs
+
+
+def _sampling(gen_kwargs: dict, default_max_new_tokens: int, default_temperature: float, default_do_sample: bool):
+    gen_kwargs = dict(gen_kwargs)
+    gen_kwargs.pop("visual_cot", None)  # routing flag, not a sampling parameter
+    max_new_tokens = int(gen_kwargs.get("max_new_tokens", default_max_new_tokens))
+    do_sample = bool(gen_kwargs.get("do_sample", default_do_sample))
+    temperature = float(gen_kwargs.get("temperature", default_temperature)) if do_sample else 0.0
+    top_p = float(gen_kwargs.get("top_p") or 1.0)
+    until = gen_kwargs.get("until") or []
+    if isinstance(until, str):
+        until = [until]
+    return max_new_tokens, temperature, top_p, tuple(until)
+
+
+class _Emu3Base(lmms):
+    is_simple = True
+
+    def __init__(self, batch_size: int | str = 1, fail_gracefully: bool = True, **kwargs) -> None:
+        super().__init__()
+        self.batch_size_per_gpu = int(batch_size)  # vLLM batches by itself; kept for lmms-eval's bookkeeping
+        self.fail_gracefully = bool(fail_gracefully)
+
+    def _fail(self, doc: _Doc, message: str) -> None:
+        if not self.fail_gracefully:
+            raise RuntimeError(message)
+        eval_logger.error(message)
+
+    def _understand(self, engine, docs: list[_Doc], max_new_tokens: int, temperature: float,
+                    do_sample: bool, question_of=lambda d: d.context, images_of=lambda d: d.images) -> dict[int, str]:
+        """Answer `docs` in as few engine calls as there are distinct sampling settings."""
+        groups: dict[tuple, list[_Doc]] = {}
+        for doc in docs:
+            groups.setdefault(_sampling(doc.gen_kwargs, max_new_tokens, temperature, do_sample), []).append(doc)
+        answers = {}
+        for (max_tokens, temp, top_p, until), group in groups.items():
+            results = engine.understand([(question_of(d), images_of(d)) for d in group], max_new_tokens=max_tokens,
+                                        temperature=temp, top_p=top_p, stop=list(until) or None)
+            for doc, answer in zip(group, results):
+                if answer.error:
+                    self._fail(doc, f"{doc.name}: {answer.error}")
+                answers[doc.index] = str(answer)
+        return answers
+
+    def loglikelihood(self, requests):
+        raise NotImplementedError("emu3_vllm does not compute loglikelihoods; use generate_until tasks")
+
+    def generate_until_multi_round(self, requests):
+        raise NotImplementedError("emu3_vllm does not support multi-round generation")
+
+
+class Emu3VLLM(_Emu3Base):
+    """`--model emu3_vllm`: `mode=understanding` (image QA) or `mode=generation` (text to image, CFG)."""
+
+    def __init__(
+        self,
+        pretrained: str = "BAAI/Emu3-Chat-hf",
+        mode: str = "understanding",
+        max_new_tokens: int = 512,
+        do_sample: bool = False,
+        temperature: float = 0.0,
+        image_height: int = 720,
+        image_width: int = 720,
+        cfg_scale: float = 4.0,
+        negative_prompt: str | None = None,
+        output_image_dir: str | None = None,
+        top_k: int = 2048,
+        device_map: str | None = None,
+        tensor_parallel_size: int | None = None,
+        gpu_memory_utilization: float | None = None,
+        max_num_seqs: int | None = None,
+        max_model_len: int | None = None,
+        dtype: str | None = None,
+        enforce_eager: bool | None = None,
+        seed: int = 0,
+        batch_size: int | str = 1,
+        fail_gracefully: bool = True,
+        use_flash_attention_2: Any = None,  # accepted from the HF integration; vLLM picks its own attention
+        **kwargs,
+    ) -> None:
+        super().__init__(batch_size=batch_size, fail_gracefully=fail_gracefully)
+        from ..api import Emu3
+
+        if mode not in ("understanding", "generation"):
+            raise ValueError(f"mode must be 'understanding' or 'generation', got {mode!r}")
+        for key in ("device", "max_batch_size"):
+            kwargs.pop(key, None)  # lmms-eval's generic arguments; vLLM places the model itself
+        self.mode = mode
+        self.max_new_tokens, self.do_sample, self.temperature = int(max_new_tokens), bool(do_sample), float(temperature)
+        self.image_height, self.image_width, self.cfg_scale = int(image_height), int(image_width), float(cfg_scale)
+        self.negative_prompt = negative_prompt if negative_prompt is not None else NEGATIVE_PROMPT
+        self.output_image_dir = Path(output_image_dir or "./logs/emu3_vllm_images")
+        self.top_k, self.seed = int(top_k), int(seed)
+        engine_kwargs = _engine_kwargs(tensor_parallel_size, device_map, gpu_memory_utilization, max_num_seqs,
+                                       dtype, max_model_len, enforce_eager, kwargs)
+        self.engine = Emu3(pretrained, seed=self.seed, **engine_kwargs)
+
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        docs = _collect(self, requests)
+        for doc in docs:
+            if doc.error:
+                self._fail(doc, doc.error)
+        ok = [d for d in docs if not d.error]
+        if self.mode == "understanding":
+            answers = self._understand(self.engine, ok, self.max_new_tokens, self.temperature, self.do_sample)
+            return [answers.get(d.index, "") for d in docs]
+        return self._generate(docs, ok)
+
+    generate_visual_cot = generate_until
+
+    def _generate(self, docs: list[_Doc], ok: list[_Doc]) -> list[str]:
+        self.output_image_dir.mkdir(parents=True, exist_ok=True)
+        results = self.engine.generate_images(
+            [d.context for d in ok], height=self.image_height, width=self.image_width, cfg_scale=self.cfg_scale,
+            negative_prompt=self.negative_prompt, top_k=self.top_k, seed=[self.seed + d.index for d in ok])
+        outputs = {d.index: json.dumps({"text": "", "images": []}) for d in docs}
+        for doc, result in zip(ok, results):
+            if result.error:
+                self._fail(doc, f"{doc.name}: {result.error}")
+                continue
+            path = self.output_image_dir / f"{doc.task}_{doc.doc_id}_0.png"
+            result.image.save(path)
+            outputs[doc.index] = json.dumps({"text": "", "images": [str(path)]}, ensure_ascii=False)
+        return [outputs[d.index] for d in docs]
+
+
+class Emu3VLLMVisualCoT(_Emu3Base):
+    """`--model emu3_vllm_visual_cot`: stage 1 draws an auxiliary image per question with the Gen checkpoint,
+    stage 2 answers with the Chat checkpoint given the original image(s) plus the auxiliary one.
+
+    All stage-1 work runs as one batch on the Gen engine, which is then released, so each stage has the whole GPU.
+    """
+
+    def __init__(
+        self,
+        pretrained: str = "BAAI/Emu3-Chat-hf",
+        gen_pretrained: str | None = None,
+        stage1_image_height: int = 720,
+        stage1_image_width: int = 720,
+        stage1_cfg_scale: float = 4.0,
+        stage1_max_new_tokens: int | None = None,
+        stage1_negative_prompt: str | None = None,
+        stage2_max_new_tokens: int = 16384,
+        stage2_temperature: float = 0.0,
+        stage2_do_sample: bool = False,
+        generation_prompt_template: str = GENERATION_PROMPT_TEMPLATE,
+        output_dir: str | None = None,
+        save_intermediate: bool = False,
+        intermediate_dir: str | None = None,
+        fail_gracefully: bool = True,
+        device_map: str | None = None,
+        tensor_parallel_size: int | None = None,
+        gpu_memory_utilization: float | None = None,
+        max_num_seqs: int | None = None,
+        max_model_len: int | None = None,
+        dtype: str | None = None,
+        enforce_eager: bool | None = None,
+        seed: int = 0,
+        batch_size: int | str = 1,
+        use_flash_attention_2: Any = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(batch_size=batch_size, fail_gracefully=fail_gracefully)
+        for key in ("device", "max_batch_size"):
+            kwargs.pop(key, None)
+        self.pretrained = pretrained
+        self.gen_pretrained = gen_pretrained or "BAAI/Emu3-Gen-hf"
+        self.stage1 = dict(height=int(stage1_image_height), width=int(stage1_image_width),
+                           cfg_scale=float(stage1_cfg_scale),
+                           negative_prompt=stage1_negative_prompt if stage1_negative_prompt is not None
+                           else NEGATIVE_PROMPT)
+        # Emu3's image length is fixed by its size; stage1_max_new_tokens is accepted for compatibility only.
+        self.stage2_max_new_tokens = int(stage2_max_new_tokens)
+        self.stage2_temperature, self.stage2_do_sample = float(stage2_temperature), bool(stage2_do_sample)
+        self.generation_prompt_template = generation_prompt_template
+        self.output_dir = Path(output_dir or "./logs/emu3_vllm_visual_cot")
+        self.save_intermediate = bool(save_intermediate)
+        self.intermediate_dir = Path(intermediate_dir) if intermediate_dir else self.output_dir
+        self.seed = int(seed)
+        self.engine_kwargs = _engine_kwargs(tensor_parallel_size, device_map, gpu_memory_utilization, max_num_seqs,
+                                            dtype, max_model_len, enforce_eager, kwargs)
+
+    def _engine(self, checkpoint: str):
+        from ..api import Emu3
+
+        return Emu3(checkpoint, seed=self.seed, **self.engine_kwargs)
+
+    def _split(self, context: str) -> tuple[str, str]:
+        gen = _GEN_PROMPT.search(context)
+        question = _QUESTION.search(context)
+        q = question.group(1).strip() if question else context.strip()
+        g = gen.group(1).strip() if gen else self.generation_prompt_template.format(question=q)
+        return g, q
+
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        docs = _collect(self, requests)
+        for doc in docs:
+            if doc.error:
+                self._fail(doc, doc.error)
+        ok = [d for d in docs if not d.error]
+        prompts = {d.index: self._split(d.context) for d in ok}
+
+        # Stage 1: every auxiliary image in one batch on the Gen engine, then release it.
+        aux: dict[int, Any] = {}
+        with self._engine(self.gen_pretrained) as gen_engine:
+            results = gen_engine.generate_images([prompts[d.index][0] for d in ok], **self.stage1,
+                                                 seed=[self.seed + d.index for d in ok])
+        for doc, result in zip(ok, results):
+            if result.error:
+                self._fail(doc, f"{doc.name}: stage 1 failed: {result.error}")
+            else:
+                aux[doc.index] = result.image
+        stage2_docs = [d for d in ok if d.index in aux]
+
+        # Stage 2: answer with the original image(s) followed by the auxiliary one.
+        with self._engine(self.pretrained) as chat_engine:
+            answers = self._understand(
+                chat_engine, stage2_docs, self.stage2_max_new_tokens, self.stage2_temperature, self.stage2_do_sample,
+                question_of=lambda d: prompts[d.index][1], images_of=lambda d: [*d.images, aux[d.index]])
+        if self.save_intermediate:
+            for doc in ok:
+                self._save_intermediate(doc, prompts[doc.index], aux.get(doc.index), answers.get(doc.index, ""))
+        return [answers.get(d.index, "") for d in docs]
+
+    generate_visual_cot = generate_until
+
+    def _save_intermediate(self, doc: _Doc, prompts: tuple[str, str], image, answer: str) -> None:
+        folder = self.intermediate_dir / str(doc.task)
+        folder.mkdir(parents=True, exist_ok=True)
+        images = []
+        if image is not None:
+            path = folder / f"{doc.doc_id}_stage1_0.png"
+            image.save(path)
+            images.append(str(path))
+        meta = {"doc_id": doc.doc_id, "task": doc.task, "generation_prompt": prompts[0], "stage1_text": "",
+                "generated_images": images, "question": prompts[1], "stage2_answer": answer}
+        (folder / f"{doc.doc_id}_metadata.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False, default=str))
