@@ -105,10 +105,42 @@ def _sampling(gen_kwargs: dict, default_max_new_tokens: int, default_temperature
 class _Emu3Base(lmms):
     is_simple = True
 
-    def __init__(self, batch_size: int | str = 1, fail_gracefully: bool = True, **kwargs) -> None:
+    def __init__(
+        self,
+        fail_gracefully: bool = True,
+        device_map: str | None = None,
+        tensor_parallel_size: int | None = None,
+        gpu_memory_utilization: float | None = None,
+        max_num_seqs: int | None = None,
+        max_model_len: int | None = None,
+        dtype: str | None = None,
+        enforce_eager: bool | None = None,
+        seed: int = 0,
+        batch_size: int | str = 1,
+        use_flash_attention_2: Any = None,  # accepted from the HF integration; vLLM picks its own attention
+        **kwargs,
+    ) -> None:
         super().__init__()
         self.batch_size_per_gpu = int(batch_size)  # vLLM batches by itself; kept for lmms-eval's bookkeeping
         self.fail_gracefully = bool(fail_gracefully)
+        self.seed = int(seed)
+        for key in ("device", "max_batch_size"):
+            kwargs.pop(key, None)  # lmms-eval's generic arguments; vLLM places the model itself
+        self.engine_kwargs = _engine_kwargs(tensor_parallel_size, device_map, gpu_memory_utilization, max_num_seqs,
+                                            dtype, max_model_len, enforce_eager, kwargs)
+
+    def _engine(self, checkpoint: str):
+        from ..api import Emu3
+
+        return Emu3(checkpoint, seed=self.seed, **self.engine_kwargs)
+
+    def _docs(self, requests: list[Instance]) -> tuple[list[_Doc], list[_Doc]]:
+        """All requests as docs, and those whose images loaded (the others are failed per fail_gracefully)."""
+        docs = _collect(self, requests)
+        for doc in docs:
+            if doc.error:
+                self._fail(doc, doc.error)
+        return docs, [d for d in docs if not d.error]
 
     def _fail(self, doc: _Doc, message: str) -> None:
         if not self.fail_gracefully:
@@ -154,42 +186,21 @@ class Emu3VLLM(_Emu3Base):
         negative_prompt: str | None = None,
         output_image_dir: str | None = None,
         top_k: int = 2048,
-        device_map: str | None = None,
-        tensor_parallel_size: int | None = None,
-        gpu_memory_utilization: float | None = None,
-        max_num_seqs: int | None = None,
-        max_model_len: int | None = None,
-        dtype: str | None = None,
-        enforce_eager: bool | None = None,
-        seed: int = 0,
-        batch_size: int | str = 1,
-        fail_gracefully: bool = True,
-        use_flash_attention_2: Any = None,  # accepted from the HF integration; vLLM picks its own attention
         **kwargs,
     ) -> None:
-        super().__init__(batch_size=batch_size, fail_gracefully=fail_gracefully)
-        from ..api import Emu3
-
         if mode not in ("understanding", "generation"):
             raise ValueError(f"mode must be 'understanding' or 'generation', got {mode!r}")
-        for key in ("device", "max_batch_size"):
-            kwargs.pop(key, None)  # lmms-eval's generic arguments; vLLM places the model itself
+        super().__init__(**kwargs)
         self.mode = mode
         self.max_new_tokens, self.do_sample, self.temperature = int(max_new_tokens), bool(do_sample), float(temperature)
         self.image_height, self.image_width, self.cfg_scale = int(image_height), int(image_width), float(cfg_scale)
         self.negative_prompt = negative_prompt if negative_prompt is not None else NEGATIVE_PROMPT
         self.output_image_dir = Path(output_image_dir or "./logs/emu3_vllm_images")
-        self.top_k, self.seed = int(top_k), int(seed)
-        engine_kwargs = _engine_kwargs(tensor_parallel_size, device_map, gpu_memory_utilization, max_num_seqs,
-                                       dtype, max_model_len, enforce_eager, kwargs)
-        self.engine = Emu3(pretrained, seed=self.seed, **engine_kwargs)
+        self.top_k = int(top_k)
+        self.engine = self._engine(pretrained)
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
-        docs = _collect(self, requests)
-        for doc in docs:
-            if doc.error:
-                self._fail(doc, doc.error)
-        ok = [d for d in docs if not d.error]
+        docs, ok = self._docs(requests)
         if self.mode == "understanding":
             answers = self._understand(self.engine, ok, self.max_new_tokens, self.temperature, self.do_sample)
             return [answers.get(d.index, "") for d in docs]
@@ -236,22 +247,9 @@ class Emu3VLLMVisualCoT(_Emu3Base):
         output_dir: str | None = None,
         save_intermediate: bool = False,
         intermediate_dir: str | None = None,
-        fail_gracefully: bool = True,
-        device_map: str | None = None,
-        tensor_parallel_size: int | None = None,
-        gpu_memory_utilization: float | None = None,
-        max_num_seqs: int | None = None,
-        max_model_len: int | None = None,
-        dtype: str | None = None,
-        enforce_eager: bool | None = None,
-        seed: int = 0,
-        batch_size: int | str = 1,
-        use_flash_attention_2: Any = None,
         **kwargs,
     ) -> None:
-        super().__init__(batch_size=batch_size, fail_gracefully=fail_gracefully)
-        for key in ("device", "max_batch_size"):
-            kwargs.pop(key, None)
+        super().__init__(**kwargs)
         self.pretrained = pretrained
         self.gen_pretrained = gen_pretrained or "BAAI/Emu3-Gen-hf"
         self.stage1 = dict(height=int(stage1_image_height), width=int(stage1_image_width),
@@ -265,14 +263,6 @@ class Emu3VLLMVisualCoT(_Emu3Base):
         self.output_dir = Path(output_dir or "./logs/emu3_vllm_visual_cot")
         self.save_intermediate = bool(save_intermediate)
         self.intermediate_dir = Path(intermediate_dir) if intermediate_dir else self.output_dir
-        self.seed = int(seed)
-        self.engine_kwargs = _engine_kwargs(tensor_parallel_size, device_map, gpu_memory_utilization, max_num_seqs,
-                                            dtype, max_model_len, enforce_eager, kwargs)
-
-    def _engine(self, checkpoint: str):
-        from ..api import Emu3
-
-        return Emu3(checkpoint, seed=self.seed, **self.engine_kwargs)
 
     def _split(self, context: str) -> tuple[str, str]:
         gen = _GEN_PROMPT.search(context)
@@ -282,11 +272,7 @@ class Emu3VLLMVisualCoT(_Emu3Base):
         return g, q
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
-        docs = _collect(self, requests)
-        for doc in docs:
-            if doc.error:
-                self._fail(doc, doc.error)
-        ok = [d for d in docs if not d.error]
+        docs, ok = self._docs(requests)
         prompts = {d.index: self._split(d.context) for d in ok}
 
         # Stage 1: every auxiliary image in one batch on the Gen engine, then release it.
