@@ -1,72 +1,57 @@
-"""Classifier-free guidance for Emu3 image tokens: one pure tensor function over a batch of pairs.
+"""One CFG step for a batch of Emu3 image pairs, as tensor operations shared by both vLLM runner adapters.
 
-guided = log_softmax(u) + s * (log_softmax(c) - log_softmax(u)), the log-softmax form transformers'
-`UnbatchedClassifierFreeGuidanceLogitsProcessor` and Emu3's official script use, computed only where both are
-finite (no NaN from -inf - -inf); then the layout mask; then sampling. Each pair samples with its own generator
-keyed by (seed, position), so an image depends on its seed only, never on what else is in the batch.
+For each pair (its cond and uncond logit rows, its generated length so far): a single-token layout slot (EOL,
+EOF, EOI, EOS) forces its token; a visual slot is guided, masked to the visual tokens and sampled in one fused
+pass (`emu3_vllm.kernels.cfg_sample`: the Triton kernel on CUDA, its torch reference elsewhere); a pair out of
+lockstep is ended with EOS. The chosen token goes into both rows as a one-hot row (0 at the token, -inf
+elsewhere), so the engine's own sampler must emit it for both halves. No per-pair Python: the step costs the
+same handful of tensor operations at 2 pairs or 256.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from .kernels import cfg_sample, pair_key
+from .kernels.cfg_sample import guided_logprobs
+from .layout import ImageTokenIds, layout_tokens
 
 DEFAULT_TOP_K = 2048
 
-
-def guided_logprobs(cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """[P, V] guided scores for P pairs of cond/uncond logit rows; `scale` is [P]."""
-    c = torch.log_softmax(cond.float(), dim=-1)
-    u = torch.log_softmax(uncond.float(), dim=-1)
-    finite = torch.isfinite(c) & torch.isfinite(u)
-    s = scale.to(c.dtype).reshape(-1, 1)
-    guided = u + s * (c - u)
-    return torch.where(finite, guided, torch.full_like(guided, float("-inf")))
+__all__ = ["DEFAULT_TOP_K", "PairBatch", "guide_pairs", "guided_logprobs", "pair_key", "write_one_hot"]
 
 
-def apply_allowed_mask(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """-inf outside `allowed` ([P, V] bool)."""
-    return scores.masked_fill(~allowed, float("-inf"))
+@dataclass
+class PairBatch:
+    """[P] tensors on the logits' device describing the pairs of one step."""
+
+    cond_rows: torch.Tensor  # long: row of each pair's cond half in the logits
+    uncond_rows: torch.Tensor  # long
+    position: torch.Tensor  # long: tokens generated so far (the cond half's count)
+    in_step: torch.Tensor  # bool: both halves present with equal counts, and never failed before
+    h: torch.Tensor  # long
+    w: torch.Tensor  # long
+    scale: torch.Tensor  # float
+    temperature: torch.Tensor  # float, 0 = greedy
+    top_k: torch.Tensor  # long, <= 0 = no top-k
+    key: torch.Tensor  # long: `pair_key(seed)`
 
 
-def pair_generator(seed: int, position: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """The generator for one pair at one position: a pure function of (seed, position)."""
-    mixed = (int(seed) * 0x9E3779B97F4A7C15 + int(position) * 0xBF58476D1CE4E5B9) % (2**63 - 1)
-    gen = torch.Generator(device=device)
-    gen.manual_seed(mixed)
-    return gen
+def write_one_hot(logits: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor) -> None:
+    """Rows that leave the engine's sampler no choice: 0 at the token, -inf elsewhere (in place)."""
+    logits.index_fill_(0, rows, float("-inf"))
+    logits[rows, tokens] = 0.0
 
 
-def sample_tokens(scores: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                  seeds: list[int], positions: list[int]) -> torch.Tensor:
-    """One token per row of `scores` ([P, V], masked guided scores); greedy where temperature is 0."""
-    out = torch.empty(scores.shape[0], dtype=torch.long, device=scores.device)
-    for i in range(scores.shape[0]):
-        row = scores[i]
-        t = float(temperature[i])
-        if t <= 0.0:
-            out[i] = torch.argmax(row)
-            continue
-        row = row / t
-        k = int(top_k[i])
-        if 0 < k < row.shape[0]:
-            kth = torch.topk(row, k).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        probs = torch.softmax(row, dim=-1)
-        # Sampling on CPU keeps a seed's draws identical across devices and batch compositions.
-        gen = pair_generator(seeds[i], positions[i])
-        out[i] = torch.multinomial(probs.cpu(), 1, generator=gen).to(out.device)[0]
-    return out
-
-
-def cfg_step(cond: torch.Tensor, uncond: torch.Tensor, allowed: torch.Tensor, scale: torch.Tensor,
-             temperature: torch.Tensor, top_k: torch.Tensor, seeds: list[int], positions: list[int]) -> torch.Tensor:
-    """Guide, mask and sample one step for P pairs; returns the [P] chosen token ids."""
-    scores = apply_allowed_mask(guided_logprobs(cond, uncond, scale), allowed)
-    return sample_tokens(scores, temperature, top_k, seeds, positions)
-
-
-def one_hot_rows(tokens: torch.Tensor, vocab_size: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """Rows that leave the engine's sampler no choice: 0 at the token, -inf elsewhere."""
-    rows = torch.full((tokens.shape[0], vocab_size), float("-inf"), dtype=dtype, device=device)
-    rows.scatter_(1, tokens.reshape(-1, 1).to(device), 0.0)
-    return rows
+def guide_pairs(logits: torch.Tensor, batch: PairBatch, ids: ImageTokenIds) -> torch.Tensor:
+    """Choose every pair's next token and force it into both of its rows; returns the chosen [P] token ids."""
+    forced, visual = layout_tokens(batch.position, batch.h, batch.w, ids)
+    lo, hi = ids.visual_range
+    sampled = cfg_sample(logits, batch.cond_rows, batch.uncond_rows, lo, hi, batch.scale, batch.temperature,
+                         batch.top_k, batch.key, batch.position)
+    token = torch.where(visual, sampled, forced)
+    token = torch.where(batch.in_step, token, torch.full_like(token, ids.eos))
+    write_one_hot(logits, torch.cat([batch.cond_rows, batch.uncond_rows]), torch.cat([token, token]))
+    return token

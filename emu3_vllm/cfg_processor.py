@@ -1,12 +1,14 @@
-"""CFG for Emu3 image generation inside vLLM's sampler (V1 model-runner logits-processor interface).
+"""CFG for Emu3 image generation inside vLLM's sampler: the tags and the V1 model-runner adapter.
 
 Each image is two requests tagged through `SamplingParams.extra_args["emu3_cfg"]`: the conditional half and its
-unconditional twin. Every step the processor finds both rows of each pair, checks they are in lockstep (both
-present, same number of generated tokens), computes the guided distribution with `cfg.cfg_step`, and writes the
-chosen token as a one-hot row into both rows, so vLLM's own sampler must emit it for both halves.
+unconditional twin. Every step the adapter finds both rows of each pair, checks they are in lockstep (both
+present, same number of generated tokens) and hands the batch to `cfg.guide_pairs`, which writes the chosen token
+into both rows. A pair out of lockstep is a bug upstream (scheduling): both halves are ended at once with EOS where
+the layout does not allow it, and the caller reports that image as failed instead of emitting a wrong image.
 
-A pair out of lockstep is a bug upstream (scheduling): the processor ends both halves at once with EOS where the
-layout does not allow it, and the caller reports that image as failed instead of emitting a wrong image.
+Pair bookkeeping is rebuilt only when the batch changes (requests added, removed or moved); a steady decode step
+costs one `len` per row (vLLM's live output lists, read in C by `map`) and the tensor step.
+`cfg_processor_v2.py` adapts the same step to Model Runner V2's interface.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-from .cfg import cfg_step, one_hot_rows
-from .layout import ImageTokenIds, Slot, slot
+from .cfg import PairBatch, guide_pairs, pair_key, write_one_hot
+from .layout import ImageTokenIds
 
 EXTRA_ARGS_KEY = "emu3_cfg"
 COND, UNCOND = "cond", "uncond"
+REQUIRED_ARGS = frozenset({"pair", "role", "scale", "h", "w", "seed"})
 
 
 @dataclass
@@ -32,10 +35,10 @@ class PairHalf:
     scale: float
     h: int
     w: int
-    seed: int
+    key: int  # pair_key(seed)
     temperature: float
     top_k: int
-    output_ids: list[int]  # vLLM's live list of this request's generated tokens
+    output_ids: list[int]  # vLLM's live list of this request's generated tokens (V1 runner only)
 
 
 def cfg_args(params) -> dict | None:
@@ -43,7 +46,27 @@ def cfg_args(params) -> dict | None:
     return extra.get(EXTRA_ARGS_KEY)
 
 
-def _token_ids_from_config(hf_config) -> ImageTokenIds:
+def validate_cfg_args(params) -> None:
+    args = cfg_args(params)
+    if args is None:
+        return
+    missing = REQUIRED_ARGS - set(args)
+    if missing:
+        raise ValueError(f"{EXTRA_ARGS_KEY} lacks {sorted(missing)}")
+    if args["role"] not in (COND, UNCOND):
+        raise ValueError(f"{EXTRA_ARGS_KEY}.role must be 'cond' or 'uncond', got {args['role']!r}")
+
+
+def pair_half(params, output_ids: list[int] | None = None) -> PairHalf | None:
+    args = cfg_args(params)
+    if args is None:
+        return None
+    return PairHalf(pair=str(args["pair"]), role=args["role"], scale=float(args["scale"]), h=int(args["h"]),
+                    w=int(args["w"]), key=pair_key(args["seed"]), temperature=float(args.get("temperature", 1.0)),
+                    top_k=int(args.get("top_k", 0)), output_ids=output_ids if output_ids is not None else [])
+
+
+def token_ids_from_config(hf_config) -> ImageTokenIds:
     vocab = hf_config.vocabulary_map
     text = hf_config.text_config
     name_of = {v: k for k, v in vocab.items()}
@@ -52,88 +75,86 @@ def _token_ids_from_config(hf_config) -> ImageTokenIds:
     return ImageTokenIds.from_vocabulary(vocab, eos_token=name_of[eos], pad_token=pad)
 
 
+class _Pairs:
+    """The batch's pairs, laid out as tensors; rebuilt when the batch changes."""
+
+    def __init__(self, rows: dict[int, PairHalf], failed: set[str], device: torch.device):
+        by_pair: dict[str, dict[str, int]] = {}
+        for index, half in rows.items():
+            by_pair.setdefault(half.pair, {})[half.role] = index
+        cond, uncond, halves, lone = [], [], [], []
+        for pair, roles in by_pair.items():
+            c, u = roles.get(COND), roles.get(UNCOND)
+            if c is None or u is None:  # a half without its twin can never be guided
+                failed.add(pair)
+                lone.extend(i for i in (c, u) if i is not None)
+                continue
+            cond.append(c)
+            uncond.append(u)
+            halves.append(rows[c])
+
+        def dev(values, dtype):
+            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+        self.pairs = [h.pair for h in halves]
+        self.cond_outputs = [rows[c].output_ids for c in cond]
+        self.uncond_outputs = [rows[u].output_ids for u in uncond]
+        self.failed = torch.tensor([p in failed for p in self.pairs], dtype=torch.bool)
+        self.cond_rows, self.uncond_rows = dev(cond, torch.long), dev(uncond, torch.long)
+        self.lone_rows = dev(lone, torch.long)
+        self.h = dev([h.h for h in halves], torch.long)
+        self.w = dev([h.w for h in halves], torch.long)
+        self.scale = dev([h.scale for h in halves], torch.float32)
+        self.temperature = dev([h.temperature for h in halves], torch.float32)
+        self.top_k = dev([h.top_k for h in halves], torch.long)
+        self.key = dev([h.key for h in halves], torch.long)
+
+
 class Emu3CfgLogitsProcessor(LogitsProcessor):
+    """CFG pairing for the V1 model runner (`vllm.v1.sample.logits_processor.LogitsProcessor`)."""
+
     @classmethod
     def validate_params(cls, params) -> None:
-        args = cfg_args(params)
-        if args is None:
-            return
-        missing = {"pair", "role", "scale", "h", "w", "seed"} - set(args)
-        if missing:
-            raise ValueError(f"{EXTRA_ARGS_KEY} lacks {sorted(missing)}")
-        if args["role"] not in (COND, UNCOND):
-            raise ValueError(f"{EXTRA_ARGS_KEY}.role must be 'cond' or 'uncond', got {args['role']!r}")
+        validate_cfg_args(params)
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
-        self.ids = _token_ids_from_config(vllm_config.model_config.hf_config)
+        self.ids = token_ids_from_config(vllm_config.model_config.hf_config)
+        self.ids.visual_range  # noqa: B018 - fail at engine start, not mid-generation, on an odd vocabulary
         self.device = device
         self.rows: dict[int, PairHalf] = {}
         self.failed_pairs: set[str] = set()
-        self._masks: dict[Slot, torch.Tensor] = {}  # allowed-token mask per slot kind, built once
+        self._pairs: _Pairs | None = None
 
     def is_argmax_invariant(self) -> bool:
         return False
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
-        def new_state(params, _prompt_ids, output_ids):
-            args = cfg_args(params)
-            if args is None:
-                return None
-            return PairHalf(pair=str(args["pair"]), role=args["role"], scale=float(args["scale"]), h=int(args["h"]),
-                            w=int(args["w"]), seed=int(args["seed"]), temperature=float(args.get("temperature", 1.0)),
-                            top_k=int(args.get("top_k", 0)), output_ids=output_ids)
-
-        process_dict_updates(self.rows, batch_update, new_state)
-
-    def _allowed(self, k: int, h: int, w: int, vocab_size: int) -> torch.Tensor:
-        s = slot(k, h, w)
-        if s is Slot.DONE:
-            s = Slot.EOS  # a pair past its end is only ever ended
-        mask = self._masks.get(s)
-        if mask is None or mask.shape[0] != vocab_size:
-            mask = torch.zeros(vocab_size, dtype=torch.bool, device=self.device)
-            allowed = self.ids.visual if s is Slot.VISUAL else (self.ids.slot_token(s),)
-            mask[torch.tensor(allowed, device=self.device)] = True
-            self._masks[s] = mask
-        return mask
+        if batch_update is None:
+            return
+        process_dict_updates(self.rows, batch_update, lambda params, _prompt, output: pair_half(params, output))
+        live = {half.pair for half in self.rows.values()}
+        self.failed_pairs &= live  # forget pairs whose requests have all finished
+        self._pairs = None
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.rows:
             return logits
-        halves: dict[str, dict[str, int]] = {}
-        for index, half in self.rows.items():
-            halves.setdefault(half.pair, {})[half.role] = index
-
-        self.failed_pairs &= halves.keys()  # forget pairs whose requests have all finished
-        vocab_size = logits.shape[1]
-        cond_rows, uncond_rows, pairs = [], [], []
-        broken: list[int] = []
-        for pair, roles in halves.items():
-            c, u = roles.get(COND), roles.get(UNCOND)
-            in_step = (c is not None and u is not None
-                       and len(self.rows[c].output_ids) == len(self.rows[u].output_ids))
-            if pair in self.failed_pairs or not in_step:
-                self.failed_pairs.add(pair)
-                broken.extend(i for i in (c, u) if i is not None)
-                continue
-            cond_rows.append(c)
-            uncond_rows.append(u)
-            pairs.append(self.rows[c])
-
-        if pairs:
-            positions = [len(p.output_ids) for p in pairs]
-            allowed = torch.stack([self._allowed(k, p.h, p.w, vocab_size) for k, p in zip(positions, pairs)])
-            tokens = cfg_step(
-                logits[cond_rows], logits[uncond_rows], allowed,
-                scale=torch.tensor([p.scale for p in pairs], device=logits.device),
-                temperature=torch.tensor([p.temperature for p in pairs]),
-                top_k=torch.tensor([p.top_k for p in pairs]),
-                seeds=[p.seed for p in pairs], positions=positions,
-            )
-            rows = one_hot_rows(tokens, vocab_size, logits.dtype, logits.device)
-            logits[cond_rows] = rows
-            logits[uncond_rows] = rows
-        if broken:
-            eos = torch.full((len(broken),), self.ids.eos, dtype=torch.long)
-            logits[broken] = one_hot_rows(eos, vocab_size, logits.dtype, logits.device)
+        if self._pairs is None:
+            self._pairs = _Pairs(self.rows, self.failed_pairs, logits.device)
+        pairs = self._pairs
+        if pairs.lone_rows.numel():
+            write_one_hot(logits, pairs.lone_rows, torch.full_like(pairs.lone_rows, self.ids.eos))
+        if not pairs.pairs:
+            return logits
+        cond_len = torch.tensor(list(map(len, pairs.cond_outputs)))
+        uncond_len = torch.tensor(list(map(len, pairs.uncond_outputs)))
+        in_step = (cond_len == uncond_len) & ~pairs.failed
+        if not bool(in_step.all()):
+            pairs.failed |= ~in_step
+            self.failed_pairs.update(p for p, bad in zip(pairs.pairs, (~in_step).tolist()) if bad)
+        batch = PairBatch(cond_rows=pairs.cond_rows, uncond_rows=pairs.uncond_rows,
+                          position=cond_len.to(logits.device, non_blocking=True),
+                          in_step=in_step.to(logits.device, non_blocking=True), h=pairs.h, w=pairs.w,
+                          scale=pairs.scale, temperature=pairs.temperature, top_k=pairs.top_k, key=pairs.key)
+        guide_pairs(logits, batch, self.ids)
         return logits

@@ -68,6 +68,14 @@ class ImageTokenIds:
     def codebook_size(self) -> int:
         return len(self.visual)
 
+    @property
+    def visual_range(self) -> tuple[int, int]:
+        """(first, last + 1) visual-token ids: Emu3's vocabulary lists the codes contiguously, in order."""
+        lo = self.visual[0]
+        if self.visual != tuple(range(lo, lo + len(self.visual))):
+            raise ValueError("the visual tokens' ids are not contiguous in code order; Emu3's vocabulary has them so")
+        return lo, lo + len(self.visual)
+
     def slot_token(self, s: "Slot") -> int | None:
         """The one token a single-token slot allows (EOL, EOF, EOI, EOS; pad past the end, if known)."""
         return {Slot.EOL: self.eol, Slot.EOF: self.eof, Slot.EOI: self.eoi, Slot.EOS: self.eos,
@@ -86,6 +94,26 @@ def slot(k: int, h: int, w: int) -> Slot:
     if offset <= body:
         return Slot.EOL if offset % (w + 1) == 0 else Slot.VISUAL
     return {body + 1: Slot.EOF, body + 2: Slot.EOI, body + 3: Slot.EOS}.get(offset, Slot.DONE)
+
+
+def layout_tokens(position, h, w, ids: ImageTokenIds):
+    """`slot` for a batch (torch tensors of positions and grid sizes): the token each single-token slot forces
+    (EOS at and past the end) and whether the slot is a visual token, as ([P] long, [P] bool)."""
+    import torch
+
+    offset = position + 1
+    row = w + 1
+    body = h * row
+    in_body = offset <= body
+    visual = in_body & (offset % row != 0)
+    tail = offset - body
+
+    def const(token):
+        return torch.full_like(position, token)
+
+    forced = torch.where(in_body, const(ids.eol),
+                         torch.where(tail == 1, const(ids.eof), torch.where(tail == 2, const(ids.eoi), const(ids.eos))))
+    return forced, visual
 
 
 def allowed_token_ids(k: int, h: int, w: int, ids: ImageTokenIds) -> Sequence[int]:

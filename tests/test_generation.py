@@ -8,28 +8,16 @@ import pytest
 import torch
 
 from emu3_vllm.cfg import guided_logprobs
-from emu3_vllm.layout import allowed_token_ids, num_image_tokens, parse_image_tokens
+from emu3_vllm.hf_reference import hf_generate_image_tokens
+from emu3_vllm.layout import parse_image_tokens
 from emu3_vllm.prompts import NEGATIVE_PROMPT, POSITIVE_SUFFIX
 
 PROMPTS = ["a red emu", "a cat sitting on a mat", "mountains at dusk, oil painting"]
 
 
 def hf_cfg_greedy(hf, cond: str, uncond: str, h: int, w: int, scale: float, ids) -> list[int]:
-    """transformers' generate with its CFG processor and Emu3's layout as prefix_allowed_tokens_fn."""
     model, processor = hf
-    tok = processor.tokenizer
-    cond_ids = tok(cond, return_tensors="pt", add_special_tokens=False).input_ids
-    uncond_ids = tok(uncond, return_tensors="pt", add_special_tokens=False).input_ids
-    start = cond_ids.shape[1]
-
-    def allowed(batch_id, input_ids):
-        return list(allowed_token_ids(input_ids.shape[0] - start, h, w, ids))
-
-    with torch.no_grad():
-        out = model.generate(input_ids=cond_ids, negative_prompt_ids=uncond_ids, guidance_scale=scale,
-                             prefix_allowed_tokens_fn=allowed, do_sample=False,
-                             max_new_tokens=num_image_tokens(h, w))
-    return out[0, start:].tolist()
+    return hf_generate_image_tokens(model, processor.tokenizer, cond, uncond, h, w, scale, ids)
 
 
 @pytest.mark.parametrize("shape", ["a", "b"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from emu3_vllm.prompts import understanding_prompt
+from emu3_vllm.hf_reference import hf_understand
 
 from conftest import random_image
 
@@ -22,11 +22,7 @@ CASES = {
 
 def hf_greedy(hf, text: str, images: list) -> list[int]:
     model, processor = hf
-    prompt = understanding_prompt(text, len(images), image_token=processor.image_token)
-    inputs = processor(text=[prompt], images=images or None, return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
+    return hf_understand(model, processor, text, images, max_new_tokens=MAX_NEW_TOKENS)
 
 
 def strip_eos(ids, eos: int) -> list[int]:
