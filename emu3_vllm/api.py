@@ -116,6 +116,32 @@ def as_understanding_item(item: Any, where: str) -> UnderstandingItem:
     return UnderstandingItem(text=text, images=tuple(images))
 
 
+def pin_model_runner() -> bool:
+    """Whether the engine will run vLLM's Model Runner V2, fixed now so the CFG adapter matches the runner.
+
+    `VLLM_USE_V2_MODEL_RUNNER` decides when set; otherwise vLLM's own default (V2 where Triton works, i.e. on
+    GPUs; V1 on CPU builds) is pinned into it for the engine processes.
+    """
+    value = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
+    if value is None:
+        from vllm.triton_utils import HAS_TRITON
+
+        value = "1" if HAS_TRITON else "0"
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = value
+    return value.strip().lower() in ("1", "true", "yes")
+
+
+def cfg_logits_processor(v2_runner: bool) -> type:
+    """The CFG logits-processor adapter for the runner's interface (both wrap `cfg.guide_pairs`)."""
+    if v2_runner:
+        from .cfg_processor_v2 import Emu3CfgLogitsProcessorV2
+
+        return Emu3CfgLogitsProcessorV2
+    from .cfg_processor import Emu3CfgLogitsProcessor
+
+    return Emu3CfgLogitsProcessor
+
+
 class Emu3:
     """BAAI Emu3 on vLLM.
 
@@ -127,16 +153,13 @@ class Emu3:
         from transformers import Emu3Processor
         from vllm import LLM
 
-        from .cfg_processor import Emu3CfgLogitsProcessor
         from .layout import ImageTokenIds
 
-        # CFG pairing is implemented for the V1 model runner's logits-processor interface; GPU builds default to
-        # Model Runner V2, which rejects that interface.
-        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
         self.model = str(model)
         self.processor = Emu3Processor.from_pretrained(self.model)
         self.token_ids = ImageTokenIds.from_tokenizer(self.processor.tokenizer)
-        engine_kwargs.setdefault("logits_processors", [Emu3CfgLogitsProcessor])
+        self.uses_v2_runner = pin_model_runner()
+        engine_kwargs.setdefault("logits_processors", [cfg_logits_processor(self.uses_v2_runner)])
         engine_kwargs.setdefault("scheduler_cls", "emu3_vllm.scheduler.PairAwareScheduler")
         self.llm = LLM(model=self.model, seed=seed, **engine_kwargs)
         vllm_config = self.llm.llm_engine.vllm_config
