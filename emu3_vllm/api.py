@@ -238,8 +238,11 @@ class Emu3:
         seed: int | None = None,
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,
         use_tqdm: bool = True,
+        ignore_eos: bool = False,
     ) -> list[Answer]:
         """Answer each item (a text with zero or more images); greedy by default.
+
+        `ignore_eos=True` always generates `max_new_tokens` (vLLM's option of that name; for benchmarks).
 
         Returns one `Answer` per item, in order. Items with bad input (undecodable or zero-size image,
         placeholder/image count mismatch, prompt longer than the model's context) come back empty with `error`
@@ -250,7 +253,7 @@ class Emu3:
         items = list(items)
         answers: list[Answer | None] = [None] * len(items)
         params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                stop=list(stop) if stop else None, seed=seed)
+                                stop=list(stop) if stop else None, seed=seed, ignore_eos=ignore_eos)
         # wait_for_completion returns outputs in submission order; enqueue adds one request or raises.
         enqueued: list[int] = []
         for i, raw in enumerate(items):

@@ -1,0 +1,42 @@
+"""A fast run of each benchmark script on a tiny checkpoint, so the scripts cannot rot. No timing is asserted:
+benchmarks report numbers, tests check that they ran and reported them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run_script(name: str, tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / f"{name}.json"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), "--size", "tiny", "--workdir", str(tmp_path),
+                           "--repeats", "1", "--out", str(out), *args], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return json.loads(out.read_text())
+
+
+def test_bench_generation_smoke(tmp_path):
+    result = run_script("bench_generation", tmp_path, "--num-images", "3", "--height", "32", "--width", "32",
+                        "--concurrency", "1,3", "--hf-images", "1")
+    ours = result["emu3_vllm"]["by_concurrency"]
+    assert [r["images"] for r in ours] == [1, 3] and all(r["failed"] == 0 for r in ours)
+    assert all(r["images_per_s"] > 0 for r in ours + result["plain_vllm"]["by_concurrency"])
+    assert result["transformers"]["tokens_per_s"] > 0
+    assert set(result["ratios"]) >= {"emu3_vllm_over_plain_vllm", "emu3_vllm_over_transformers"}
+    assert (tmp_path / "bench_generation.png").stat().st_size > 0
+
+
+def test_bench_understanding_smoke(tmp_path):
+    result = run_script("bench_understanding", tmp_path, "--num-prompts", "3", "--image-size", "48",
+                        "--max-new-tokens", "4", "--hf-prompts", "1")
+    assert result["emu3_vllm"]["model_class"] == "emu3_vllm.model:Emu3ForConditionalGeneration"
+    assert "transformers" in result["vllm_transformers_backend"]["model_class"]
+    for key in ("emu3_vllm", "vllm_transformers_backend", "transformers"):
+        assert result[key]["generated_tokens_per_s"] > 0
