@@ -64,6 +64,8 @@ def run_emu3(ckpt, args, kwargs, concurrencies):
             out["by_concurrency"].append({"images": c, "seconds": round(s, 4), "images_per_s": c / s,
                                           "image_tokens_per_s": c * n_tokens / s, "failed": len(failed)})
             print(f"emu3_vllm   {c:4d} images: {s:8.3f} s  {c / s:8.3f} images/s", flush=True)
+        prompt_tokens = sum(r.prompt_tokens for r in results)
+        out["prefix_cache_hit_rate"] = sum(r.cached_prompt_tokens for r in results) / max(prompt_tokens, 1)
         ok = [r.codes for r in results if r.codes is not None]
         with _common.timed() as t:
             engine.decode_images(ok)

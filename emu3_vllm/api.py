@@ -57,6 +57,9 @@ class GeneratedImage:
     image: Any = None
     codes: list[list[int]] | None = None
     error: str | None = None
+    # Prompt tokens of both CFG halves, and how many of them vLLM's prefix cache served (the shared negative prompt).
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
 
     @property
     def ok(self) -> bool:
@@ -421,8 +424,10 @@ class Emu3:
                 result.error = str(exc)
 
         token_ids: dict[tuple[int, str], list[int]] = {}
-        for key, out in zip(enqueued, self._wait(len(enqueued), use_tqdm)):
-            token_ids[key] = list(out.outputs[0].token_ids)
+        for (i, role), out in zip(enqueued, self._wait(len(enqueued), use_tqdm)):
+            token_ids[(i, role)] = list(out.outputs[0].token_ids)
+            results[i].prompt_tokens += len(out.prompt_token_ids or ())
+            results[i].cached_prompt_tokens += out.num_cached_tokens or 0
 
         to_decode = []
         for i, (h, w) in grids.items():

@@ -97,3 +97,23 @@ def test_seed_gives_the_same_image_whatever_the_batch(engine_factory):
     alone = engine.generate_images([PROMPTS[1]], height=32, width=40, seed=12, use_tqdm=False)[0]
     assert batch[1].codes == alone.codes
     assert batch[0].codes != batch[1].codes
+
+
+def test_negative_prompt_is_prefilled_once_and_cuda_graphs_are_left_alone(engine_factory, checkpoints):
+    """Prefix caching serves the shared negative prompt to every uncond half after the first."""
+    import inspect
+
+    from emu3_vllm import Emu3
+
+    engine = engine_factory("a")
+    assert engine.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
+    first = engine.generate_images(["a red emu"], height=32, width=32, seed=1, use_tqdm=False)[0]
+    later = engine.generate_images(["a blue emu", "a green emu"], height=32, width=32, seed=1, use_tqdm=False)
+    block = engine.llm.llm_engine.vllm_config.cache_config.block_size
+    uncond_len = engine._prompt_len(engine.image_generation_prompts("x", 4, 4, NEGATIVE_PROMPT, POSITIVE_SUFFIX)[1])
+    for result in later:
+        assert result.error is None
+        assert result.cached_prompt_tokens >= (uncond_len - 1) // block * block > 0
+    assert first.prompt_tokens > 0
+    # emu3_vllm never turns vLLM's CUDA graphs off itself (the tests choose enforce_eager for CPU start-up time).
+    assert "enforce_eager" not in inspect.getsource(Emu3.__init__)
