@@ -125,11 +125,18 @@ def pin_model_runner() -> bool:
     `VLLM_USE_V2_MODEL_RUNNER` decides when set; otherwise vLLM's own default (V2 where Triton works, i.e. on
     GPUs; V1 on CPU builds) is pinned into it for the engine processes.
     """
+    import importlib.util
+
     value = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
     if value is None:
         from vllm.triton_utils import HAS_TRITON
 
-        value = "1" if HAS_TRITON else "0"
+        # vLLM releases before V2 took custom logits processors (e.g. 0.26) lack its interface module.
+        try:
+            v2_interface = importlib.util.find_spec("vllm.v1.worker.gpu.sample.logits_processor") is not None
+        except ModuleNotFoundError:
+            v2_interface = False
+        value = "1" if HAS_TRITON and v2_interface else "0"
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = value
     return value.strip().lower() in ("1", "true", "yes")
 
@@ -415,7 +422,7 @@ class Emu3:
                         added += self.llm.enqueue({"prompt": text}, params, use_tqdm=False)
                 except Exception as exc:
                     if added:  # never leave a half waiting for a twin that will not come
-                        self.llm.llm_engine.abort_request(added)
+                        self.llm.llm_engine.abort_request(added, internal=True)
                     raise ItemError(f"{where}: rejected by the engine: {exc}") from exc
                 enqueued += [(i, COND), (i, UNCOND)]
                 grids[i] = (h, w)

@@ -44,25 +44,36 @@ def pair_key(seed: int) -> int:
     return int(mix32(t[0] ^ mix32(t[1])))
 
 
+_COLUMN_HASH: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _column_hash(n: int, device: torch.device) -> torch.Tensor:
+    key = (n, str(device))
+    if key not in _COLUMN_HASH:
+        _COLUMN_HASH[key] = mix32(torch.arange(n, dtype=torch.int64, device=device))
+    return _COLUMN_HASH[key]
+
+
 def uniform_noise(key: torch.Tensor, position: torch.Tensor, n: int) -> torch.Tensor:
     """[P, n] floats in (0, 1): a pure function of (key[p], position[p], column)."""
     row = mix32(key.long() ^ mix32(position.long() & _MASK32))
-    col = mix32(torch.arange(n, dtype=torch.int64, device=key.device))
-    bits = mix32(row[:, None] ^ col[None, :])
+    bits = mix32(row[:, None] ^ _column_hash(n, key.device)[None, :])
     return ((bits >> 8).float() + 0.5) * 2.0**-24
 
 
-def guided_logprobs(cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """[P, V] guided scores for P pairs of full cond/uncond logit rows; `scale` is [P].
+def guided_logprobs(cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Tensor, lo: int = 0,
+                    hi: int | None = None) -> torch.Tensor:
+    """[P, hi - lo] guided scores for P pairs of full cond/uncond logit rows, on columns [lo, hi); `scale` is [P].
 
-    The log-softmax form of transformers' `UnbatchedClassifierFreeGuidanceLogitsProcessor` and Emu3's script,
-    computed only where both are finite, so there is no NaN from -inf - -inf.
+    The log-softmax form of transformers' `UnbatchedClassifierFreeGuidanceLogitsProcessor` and Emu3's script
+    (normalised over the whole vocabulary), -inf wherever either row is -inf (no NaN from -inf - -inf).
     """
-    c = torch.log_softmax(cond.float(), dim=-1)
-    u = torch.log_softmax(uncond.float(), dim=-1)
-    finite = torch.isfinite(c) & torch.isfinite(u)
+    cond, uncond = cond.float(), uncond.float()
+    c = cond[:, lo:hi] - torch.logsumexp(cond, dim=-1, keepdim=True)
+    u = uncond[:, lo:hi] - torch.logsumexp(uncond, dim=-1, keepdim=True)
     guided = u + scale.to(c.dtype).reshape(-1, 1) * (c - u)
-    return torch.where(finite, guided, torch.full_like(guided, float("-inf")))
+    # scale > 0: a -inf in c already gives -inf; a -inf in u gives NaN, which means -inf too.
+    return torch.nan_to_num(guided, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
 
 
 def _effective_top_k(top_k: torch.Tensor, n: int) -> torch.Tensor:
@@ -77,13 +88,18 @@ def cfg_sample_reference(logits: torch.Tensor, cond_rows: torch.Tensor, uncond_r
     if cond_rows.numel() == 0:
         return torch.empty(0, dtype=torch.long, device=logits.device)
     n = hi - lo
-    guided = guided_logprobs(logits[cond_rows], logits[uncond_rows], scale)[:, lo:hi]
+    x = guided_logprobs(logits[cond_rows], logits[uncond_rows], scale, lo, hi)
     greedy = temperature <= 0
     t = torch.where(greedy, torch.ones_like(temperature), temperature).float()
-    x = guided / t[:, None]
+    x = x / t[:, None]
     k = _effective_top_k(top_k, n)
-    kth = torch.topk(x, int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])
-    x = torch.where(x >= kth, x, torch.full_like(x, float("-inf")))
+    kmin, kmax = int(k.min()), int(k.max())
+    if kmin < n:
+        if kmin == kmax:  # the usual case, one top_k for the batch: a selection, cheaper than a sort
+            kth = -torch.kthvalue(-x, kmax, dim=-1, keepdim=True).values
+        else:
+            kth = torch.topk(x, kmax, dim=-1).values.gather(1, (k - 1)[:, None])
+        x = x.masked_fill(x < kth, float("-inf"))
     gumbel = -torch.log(-torch.log(uniform_noise(key, position, n)))
     score = torch.where(greedy[:, None], x, x + gumbel)
     return lo + torch.argmax(score, dim=-1)

@@ -117,3 +117,21 @@ def test_negative_prompt_is_prefilled_once_and_cuda_graphs_are_left_alone(engine
     assert first.prompt_tokens > 0
     # emu3_vllm never turns vLLM's CUDA graphs off itself (the tests choose enforce_eager for CPU start-up time).
     assert "enforce_eager" not in inspect.getsource(Emu3.__init__)
+
+
+def test_a_half_the_engine_rejects_does_not_strand_its_twin(engine_factory, monkeypatch):
+    """If the engine refuses an uncond half after accepting its cond half, the cond half is aborted: the call
+    returns (the scheduler would otherwise hold it forever for a twin that never comes) and the rest is served."""
+    engine = engine_factory("a")
+    real_enqueue = engine.llm.enqueue
+
+    def enqueue(prompt, *args, **kwargs):
+        if "REFUSED" in prompt["prompt"]:
+            raise ValueError("refused for the test")
+        return real_enqueue(prompt, *args, **kwargs)
+
+    monkeypatch.setattr(engine.llm, "enqueue", enqueue)
+    results = engine.generate_images([{"prompt": "a red emu", "negative_prompt": "REFUSED"}, "a red emu"],
+                                     height=32, width=32, seed=5, use_tqdm=False)
+    assert results[0].error is not None and "item 0: rejected by the engine" in results[0].error
+    assert results[1].error is None and results[1].image is not None
