@@ -152,6 +152,16 @@ def cfg_logits_processor(v2_runner: bool) -> type:
     return Emu3CfgLogitsProcessor
 
 
+def pair_scheduler(engine_kwargs: dict) -> str:
+    """The pair-aware scheduler matching the engine's scheduling mode: vLLM turns async scheduling on by default
+    except on CPU, and a synchronous scheduler class would switch it off."""
+    from vllm.platforms import current_platform
+
+    if engine_kwargs.get("async_scheduling") is False or current_platform.is_cpu():
+        return "emu3_vllm.scheduler.PairAwareScheduler"
+    return "emu3_vllm.scheduler.PairAwareAsyncScheduler"
+
+
 class Emu3:
     """BAAI Emu3 on vLLM.
 
@@ -170,7 +180,7 @@ class Emu3:
         self.token_ids = ImageTokenIds.from_tokenizer(self.processor.tokenizer)
         self.uses_v2_runner = pin_model_runner()
         engine_kwargs.setdefault("logits_processors", [cfg_logits_processor(self.uses_v2_runner)])
-        engine_kwargs.setdefault("scheduler_cls", "emu3_vllm.scheduler.PairAwareScheduler")
+        engine_kwargs.setdefault("scheduler_cls", pair_scheduler(engine_kwargs))
         self.llm = LLM(model=self.model, seed=seed, **engine_kwargs)
         vllm_config = self.llm.llm_engine.vllm_config
         self.max_model_len = vllm_config.model_config.max_model_len
@@ -178,7 +188,7 @@ class Emu3:
         self._block_size = vllm_config.cache_config.block_size
         self._max_batched_tokens = vllm_config.scheduler_config.max_num_batched_tokens
         scheduler_cls = vllm_config.scheduler_config.scheduler_cls
-        self._pair_scheduler = "PairAwareScheduler" in str(getattr(scheduler_cls, "__name__", scheduler_cls))
+        self._pair_scheduler = "PairAware" in str(getattr(scheduler_cls, "__name__", scheduler_cls))
         if not self._pair_scheduler:
             logger.warning("scheduler %s is not emu3_vllm's PairAwareScheduler: CFG pairs may fall out of lockstep "
                            "(such images fail with an error)", scheduler_cls)

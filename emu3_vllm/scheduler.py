@@ -18,13 +18,16 @@ not O(queue), however many thousands of images wait. Requests without CFG tags a
 from __future__ import annotations
 
 from vllm.utils.math_utils import cdiv
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.request_queue import create_request_queue
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from .cfg_processor import cfg_args
 
 
-class PairAwareScheduler(Scheduler):
+class _PairAdmission:
+    """The admission rule above, mixed into vLLM's synchronous or asynchronous scheduler."""
+
     def _full_blocks(self, request) -> int:
         return cdiv(request.num_prompt_tokens + request.max_tokens, self.block_size)
 
@@ -104,3 +107,11 @@ class PairAwareScheduler(Scheduler):
             # Whatever the step left waiting (not scheduled, or preempted) goes back ahead of the set-aside tail.
             self.waiting = full_queue
             full_queue.prepend_requests(list(reversed(list(shown))))
+
+
+class PairAwareScheduler(_PairAdmission, Scheduler):
+    """For engines without async scheduling (vLLM's CPU build, or `async_scheduling=False`)."""
+
+
+class PairAwareAsyncScheduler(_PairAdmission, AsyncScheduler):
+    """For engines with async scheduling (vLLM's default on GPUs): scheduling overlaps the model step."""

@@ -47,3 +47,17 @@ def test_broken_lockstep_is_detected_without_the_pair_scheduler(checkpoints, eng
     for ours, ref in zip(results, reference):
         if ours.error is None:  # anything emitted is exactly the correctly paired image
             assert ours.codes == ref.codes
+
+
+def test_async_pair_scheduler_gives_the_same_images(checkpoints, engine_factory):
+    """The async-scheduling variant (vLLM's default mode on GPUs) admits pairs by the same rule; on this CPU
+    build the engine runs it synchronously, which is also what it does where vLLM turns async scheduling off."""
+    from emu3_vllm import Emu3
+
+    kwargs = {**ENGINE_KWARGS, "scheduler_cls": "emu3_vllm.scheduler.PairAwareAsyncScheduler",
+              "block_size": 32, "num_gpu_blocks_override": 48}
+    with Emu3(checkpoints["a"], **kwargs) as engine:
+        results = engine.generate_images(PROMPTS[:8], height=48, width=48, seed=3, use_tqdm=False)
+    reference = engine_factory("a").generate_images(PROMPTS[:8], height=48, width=48, seed=3, use_tqdm=False)
+    assert all(r.error is None for r in results), [r.error for r in results if r.error]
+    assert [r.codes for r in results] == [r.codes for r in reference]
