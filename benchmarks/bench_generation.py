@@ -12,7 +12,8 @@
                that many tokens and reports the per-image time it implies (marked "extrapolated").
 
 All three use the same checkpoint, dtype and thread settings. Throughput is measured at several concurrencies
-(images submitted at once), each the median of --repeats runs after a warm-up; the ratios use the largest.
+(images submitted at once), each the fastest of --repeats runs after a warm-up (the JSON keeps all of them);
+the ratios use the largest concurrency.
 Prints a table, writes JSON (--out) and a PNG plot.
 """
 
@@ -30,8 +31,10 @@ PROMPT_SUBJECTS = ["a red emu", "a lighthouse at dawn", "a bowl of ramen", "a sn
                    "a watercolor fox", "an old sailing ship", "a mountain lake"]
 
 
-def prompts(n: int) -> list[str]:
-    return [f"{PROMPT_SUBJECTS[i % len(PROMPT_SUBJECTS)]}, picture {i}" for i in range(n)]
+def prompts(n: int, take: int = 0) -> list[str]:
+    """n distinct prompts; another `take` gives other prompts, so no timed run reuses an earlier run's prefix
+    cache (only the shared negative prompt is meant to be cached)."""
+    return [f"{PROMPT_SUBJECTS[i % len(PROMPT_SUBJECTS)]}, picture {i}, take {take}" for i in range(n)]
 
 
 def run_emu3(ckpt, args, kwargs, concurrencies):
@@ -41,7 +44,6 @@ def run_emu3(ckpt, args, kwargs, concurrencies):
 
     h, w = pixels_to_grid(args.height, args.width)
     n_tokens = num_image_tokens(h, w)
-    texts = prompts(max(concurrencies))
     out = {"by_concurrency": []}
     with _common.PeakMemory() as mem:
         with _common.timed() as start:
@@ -49,29 +51,33 @@ def run_emu3(ckpt, args, kwargs, concurrencies):
         out["engine_start_s"] = round(start["seconds"], 2)
         out["model_runner"] = "v2" if engine.uses_v2_runner else "v1"
         gen = dict(height=args.height, width=args.width, cfg_scale=args.cfg_scale, top_k=args.top_k, use_tqdm=False)
-        engine.generate_images(texts[:2], seed=0, decode=False, **gen)  # warm-up
-        results = []
+        engine.generate_images(prompts(2, take=-1), seed=0, decode=False, **gen)  # warm-up
+        results, take = [], 0
         for c in concurrencies:
             times = []
             for _ in range(args.repeats):
+                take += 1
                 with _common.timed() as t:
-                    results = engine.generate_images(texts[:c], seed=1000, decode=False, **gen)
+                    results = engine.generate_images(prompts(c, take), seed=1000, decode=False, **gen)
                 times.append(t["seconds"])
             failed = [r.error for r in results if r.error]
             if failed:
                 print(f"emu3_vllm: {len(failed)} of {c} images failed, e.g. {failed[0]}", flush=True)
-            s = _common.median(times)
+            s, spread = _common.best_and_median(times)
             out["by_concurrency"].append({"images": c, "seconds": round(s, 4), "images_per_s": c / s,
-                                          "image_tokens_per_s": c * n_tokens / s, "failed": len(failed)})
+                                          "image_tokens_per_s": c * n_tokens / s, "failed": len(failed), **spread})
             print(f"emu3_vllm   {c:4d} images: {s:8.3f} s  {c / s:8.3f} images/s", flush=True)
         prompt_tokens = sum(r.prompt_tokens for r in results)
         out["prefix_cache_hit_rate"] = sum(r.cached_prompt_tokens for r in results) / max(prompt_tokens, 1)
         ok = [r.codes for r in results if r.codes is not None]
+        engine.decode_images(ok[:1])  # loads the VQ decoder
         with _common.timed() as t:
             engine.decode_images(ok)
         out["vq_decode_seconds"] = round(t["seconds"], 4)
         out["vq_decode_images"] = len(ok)
-        rows = [engine.image_generation_prompts(p, h, w, NEGATIVE_PROMPT, POSITIVE_SUFFIX) for p in texts]
+        # Takes for the other contenders: fresh prompt texts (same lengths), each run its own.
+        rows = {t: [engine.image_generation_prompts(p, h, w, NEGATIVE_PROMPT, POSITIVE_SUFFIX)
+                    for p in prompts(max(concurrencies), t)] for t in range(take + 1, 3 * take + 4)}
         engine.close()
     out["peak_memory_gib"] = mem.gib
     return out, rows, n_tokens
@@ -88,24 +94,26 @@ def run_plain(ckpt, kwargs, rows, n_tokens, concurrencies, top_k, repeats):
     sampled = SamplingParams(temperature=1.0, top_k=top_k, **fixed)
     out = {"by_concurrency": [], "sampling": "greedy"}
 
+    takes = iter(sorted(rows)[1:])
+
     def measure(llm, c, params, label):
-        texts = [t for pair in rows[:c] for t in pair]
         times = []
         for _ in range(repeats):
+            texts = [t for pair in rows[next(takes)][:c] for t in pair]
             with _common.timed() as t:
                 outputs = llm.generate(texts, params, use_tqdm=False)
             times.append(t["seconds"])
-        s = _common.median(times)
+        s, spread = _common.best_and_median(times)
         produced = sum(len(o.outputs[0].token_ids) for o in outputs)
         print(f"{label} {c:4d} images: {s:8.3f} s  {c / s:8.3f} images/s ({2 * c} rows)", flush=True)
         return {"images": c, "rows": 2 * c, "seconds": round(s, 4), "images_per_s": c / s,
-                "row_tokens_per_s": produced / s, "image_tokens_per_s": c * n_tokens / s}
+                "row_tokens_per_s": produced / s, "image_tokens_per_s": c * n_tokens / s, **spread}
 
     with _common.PeakMemory() as mem:
         with _common.timed() as start:
             llm = LLM(model=ckpt, **kwargs)
         out["engine_start_s"] = round(start["seconds"], 2)
-        llm.generate([t for pair in rows[:2] for t in pair], greedy, use_tqdm=False)  # warm-up
+        llm.generate([t for pair in rows[min(rows)][:2] for t in pair], greedy, use_tqdm=False)  # warm-up
         for c in concurrencies:
             out["by_concurrency"].append(measure(llm, c, greedy, "plain vLLM greedy"))
         out["top_k_sampling_at_max_concurrency"] = measure(llm, concurrencies[-1], sampled, "plain vLLM top-k  ")
@@ -130,17 +138,19 @@ def run_transformers(ckpt, args, rows, n_tokens):
     measure = min(n_tokens, args.hf_max_tokens) if args.hf_max_tokens else n_tokens
     gen = dict(do_sample=True, top_k=args.top_k, max_new_tokens=measure)
     with _common.PeakMemory() as mem:
-        hf_generate_image_tokens(model, tok, *rows[0], h, w, args.cfg_scale, ids, **{**gen, "max_new_tokens": 4})
-        tokens, seconds = 0, 0.0
-        for cond, uncond in rows[:args.hf_images]:
+        warm = rows[max(rows) - 1][0]
+        hf_generate_image_tokens(model, tok, *warm, h, w, args.cfg_scale, ids, **{**gen, "max_new_tokens": 4})
+        tokens, seconds, rates = 0, 0.0, []
+        for cond, uncond in rows[max(rows)][:args.hf_images]:
             torch.manual_seed(0)
             with _common.timed() as t:
-                tokens += len(hf_generate_image_tokens(model, tok, cond, uncond, h, w, args.cfg_scale, ids, **gen))
-            seconds += t["seconds"]
-    tok_s = tokens / seconds
+                n = len(hf_generate_image_tokens(model, tok, cond, uncond, h, w, args.cfg_scale, ids, **gen))
+            tokens, seconds = tokens + n, seconds + t["seconds"]
+            rates.append(n / t["seconds"])
+    tok_s = max(rates)  # the fastest image, as for the vLLM contenders
     print(f"transformers {args.hf_images} images x {measure} tokens: {seconds:.3f} s  {tok_s:.2f} tokens/s", flush=True)
     return {"images_measured": args.hf_images, "tokens_measured": tokens, "seconds": round(seconds, 4),
-            "tokens_per_s": tok_s, "seconds_per_image": n_tokens / tok_s, "images_per_s": tok_s / n_tokens,
+            "tokens_per_s": tok_s, "tokens_per_s_each": [round(r, 3) for r in rates], "seconds_per_image": n_tokens / tok_s, "images_per_s": tok_s / n_tokens,
             "extrapolated": measure < n_tokens, "batch_size": 1, "peak_memory_gib": mem.gib}
 
 
@@ -154,8 +164,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--top-k", type=int, default=2048)
     parser.add_argument("--concurrency", default=None,
                         help="comma-separated numbers of images submitted at once (default: 1,8,num-images)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per vLLM measurement (median reported)")
-    parser.add_argument("--hf-images", type=int, default=2, help="images transformers generates (batch 1)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per vLLM measurement (the fastest is reported)")
+    parser.add_argument("--hf-images", type=int, default=3,
+                        help="images transformers generates one at a time (the fastest is reported)")
     parser.add_argument("--hf-max-tokens", type=int, default=None,
                         help="stop transformers after this many tokens per image and extrapolate")
     parser.add_argument("--plot", help="PNG plot of throughput vs concurrency (default: beside --out)")

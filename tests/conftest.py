@@ -21,6 +21,13 @@ TINY_SHAPES = {
 }
 
 ENGINE_KWARGS = dict(dtype="float32", max_model_len=1024, enforce_eager=True, max_num_seqs=16)
+try:  # on a GPU several tiny engines share the card; vLLM would otherwise reserve 90 % of it for each
+    import torch
+
+    if torch.cuda.is_available():
+        ENGINE_KWARGS["gpu_memory_utilization"] = 0.08
+except ImportError:  # pragma: no cover
+    pass
 
 
 def random_image(height: int, width: int, seed: int = 0):
