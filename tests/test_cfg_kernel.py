@@ -98,6 +98,8 @@ def _random_case(pairs: int, vocab: int, lo: int, hi: int, device: str, dtype=to
         key=torch.tensor([pair_key(seed * 1000 + p) for p in range(pairs)]),
         position=torch.randint(0, 9000, (pairs,), generator=g),
     )
+    args["top_k"][:3] = torch.tensor([-1, 0, hi - lo + 5])  # "no top-k" in each spelling
+    args["temperature"][3] = 0.0  # and at least one greedy pair
     tensors = dict(logits=logits, cond_rows=order[:pairs], uncond_rows=order[pairs:2 * pairs], **args)
     return {k: v.to(device) for k, v in tensors.items()}
 
