@@ -120,7 +120,6 @@ class Emu3CfgLogitsProcessor(LogitsProcessor):
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         self.ids = token_ids_from_config(vllm_config.model_config.hf_config)
         self.ids.visual_range  # noqa: B018 - fail at engine start, not mid-generation, on an odd vocabulary
-        self.device = device
         self.rows: dict[int, PairHalf] = {}
         self.failed_pairs: set[str] = set()
         self._pairs: _Pairs | None = None

@@ -8,6 +8,7 @@ constrained exactly as Emu3's `prefix_allowed_tokens_fn` constrains offset k+1 a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from enum import IntEnum
 from typing import Mapping, Sequence
 
@@ -68,7 +69,7 @@ class ImageTokenIds:
     def codebook_size(self) -> int:
         return len(self.visual)
 
-    @property
+    @cached_property  # read every engine step; checking 32768 ids each time would cost more than the step's math
     def visual_range(self) -> tuple[int, int]:
         """(first, last + 1) visual-token ids: Emu3's vocabulary lists the codes contiguously, in order."""
         lo = self.visual[0]

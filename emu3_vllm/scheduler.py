@@ -25,6 +25,11 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from .cfg_processor import cfg_args
 
 
+def _pair_id(request) -> str | None:
+    args = cfg_args(request.sampling_params)
+    return None if args is None else str(args["pair"])
+
+
 class _PairAdmission:
     """The admission rule above, mixed into vLLM's synchronous or asynchronous scheduler."""
 
@@ -47,8 +52,8 @@ class _PairAdmission:
         head = 0
         queue = iter(self.waiting)
         for request in queue:
-            args = cfg_args(request.sampling_params)
-            if args is None:
+            pair = _pair_id(request)
+            if pair is None:
                 # Untagged requests ahead of the pairs take their budget as stock vLLM would give it.
                 token_budget -= min(max(token_budget, 0), request.num_tokens - request.num_computed_tokens)
                 seq_budget -= 1
@@ -57,9 +62,8 @@ class _PairAdmission:
             if seq_budget < 2:
                 return head
             twin = next(queue, None)
-            twin_args = cfg_args(twin.sampling_params) if twin is not None else None
-            if twin_args is None or str(twin_args["pair"]) != str(args["pair"]):
-                if may_reorder and twin is not None and self._pull_twin_forward(request, str(args["pair"])):
+            if twin is None or _pair_id(twin) != pair:
+                if may_reorder and twin is not None and self._pull_twin_forward(request, pair):
                     return self._admitted_head(may_reorder=False)  # the queue changed: scan again
                 return head
             halves = (request, twin)
@@ -77,8 +81,7 @@ class _PairAdmission:
 
     def _pull_twin_forward(self, half, pair: str) -> bool:
         """Rare: something was queued between the halves of a pair. Move the twin right behind its half."""
-        twin = next((r for r in self.waiting if r is not half and str((cfg_args(r.sampling_params) or {})
-                                                                         .get("pair")) == pair), None)
+        twin = next((r for r in self.waiting if r is not half and _pair_id(r) == pair), None)
         if twin is None:
             return False  # not arrived yet: the pair waits
         ordered = []
