@@ -1,9 +1,8 @@
-"""CFG for Emu3 image generation inside vLLM's sampler: the tags and the V1 model-runner adapter.
+"""CFG for Emu3 image generation inside vLLM's sampler: the V1 model-runner adapter.
 
-Each image is two requests tagged through `SamplingParams.extra_args["emu3_cfg"]`: the conditional half and its
-unconditional twin. Every step the adapter finds both rows of each pair, checks they are in lockstep (both
-present, same number of generated tokens) and hands the batch to `cfg.guide_pairs`, which writes the chosen token
-into both rows. A pair out of lockstep is a bug upstream (scheduling): both halves are ended at once with EOS where
+Each image is two requests tagged as a pair (`protocol.py`): the conditional half and its unconditional twin.
+Every step the adapter finds both rows of each pair, checks they are in lockstep (both present, same number of
+generated tokens) and hands the batch to `cfg.guide_pairs`, which writes the chosen token into both rows. A pair out of lockstep is a bug upstream (scheduling): both halves are ended at once with EOS where
 the layout does not allow it, and the caller reports that image as failed instead of emitting a wrong image.
 
 Pair bookkeeping is rebuilt only when the batch changes (requests added, removed or moved); a steady decode step
@@ -13,57 +12,14 @@ costs one `len` per row (vLLM's live output lists, read in C by `map`) and the t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-from .cfg import PairBatch, guide_pairs, pair_key, write_one_hot
+from .cfg import PairBatch, guide_pairs, write_one_hot
 from .layout import ImageTokenIds
-
-EXTRA_ARGS_KEY = "emu3_cfg"
-COND, UNCOND = "cond", "uncond"
-REQUIRED_ARGS = frozenset({"pair", "role", "scale", "h", "w", "seed"})
-
-
-@dataclass
-class PairHalf:
-    pair: str
-    role: str
-    scale: float
-    h: int
-    w: int
-    key: int  # pair_key(seed)
-    temperature: float
-    top_k: int
-    output_ids: list[int]  # vLLM's live list of this request's generated tokens (V1 runner only)
-
-
-def cfg_args(params) -> dict | None:
-    extra = getattr(params, "extra_args", None) or {}
-    return extra.get(EXTRA_ARGS_KEY)
-
-
-def validate_cfg_args(params) -> None:
-    args = cfg_args(params)
-    if args is None:
-        return
-    missing = REQUIRED_ARGS - set(args)
-    if missing:
-        raise ValueError(f"{EXTRA_ARGS_KEY} lacks {sorted(missing)}")
-    if args["role"] not in (COND, UNCOND):
-        raise ValueError(f"{EXTRA_ARGS_KEY}.role must be 'cond' or 'uncond', got {args['role']!r}")
-
-
-def pair_half(params, output_ids: list[int] | None = None) -> PairHalf | None:
-    args = cfg_args(params)
-    if args is None:
-        return None
-    return PairHalf(pair=str(args["pair"]), role=args["role"], scale=float(args["scale"]), h=int(args["h"]),
-                    w=int(args["w"]), key=pair_key(args["seed"]), temperature=float(args.get("temperature", 1.0)),
-                    top_k=int(args.get("top_k", 0)), output_ids=output_ids if output_ids is not None else [])
+from .protocol import COND, UNCOND, PairHalf, pair_half, validate_cfg_args
 
 
 def token_ids_from_config(hf_config) -> ImageTokenIds:

@@ -15,7 +15,8 @@ import torch
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor
 
 from .cfg import PairBatch, guide_pairs, write_one_hot
-from .cfg_processor import COND, pair_half, token_ids_from_config, validate_cfg_args
+from .cfg_processor import token_ids_from_config
+from .protocol import COND, pair_half, validate_cfg_args
 
 _UNTAGGED, _COND, _UNCOND = 0, 1, 2
 

@@ -22,12 +22,11 @@ from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.request_queue import create_request_queue
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from .cfg_processor import cfg_args
+from .protocol import pair_id_of
 
 
 def _pair_id(request) -> str | None:
-    args = cfg_args(request.sampling_params)
-    return None if args is None else str(args["pair"])
+    return pair_id_of(request.sampling_params)
 
 
 class _PairAdmission:
@@ -40,7 +39,7 @@ class _PairAdmission:
         """Blocks running pairs may still claim before they finish (one spare each for lookahead)."""
         reserved = 0
         for request in self.running:
-            if cfg_args(request.sampling_params) is not None:
+            if _pair_id(request) is not None:
                 reserved += max(0, self._full_blocks(request) - cdiv(request.num_tokens, self.block_size)) + 1
         return reserved
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from emu3_vllm.cfg_processor import COND, EXTRA_ARGS_KEY, UNCOND
+from emu3_vllm.protocol import COND, EXTRA_ARGS_KEY, UNCOND
 from emu3_vllm.kernels import cfg_sample_reference, pair_key
 
 SLOTS = 8
@@ -132,7 +132,12 @@ def test_v1_interface_is_not_what_v2_loads(vllm_config):
     """vLLM's V2 loader accepts only subclasses of its V2 interface: the adapters are not interchangeable."""
     from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2Interface
 
-    from emu3_vllm.api import cfg_logits_processor
+    from vllm.utils.import_utils import resolve_obj_by_qualname
 
-    assert issubclass(cfg_logits_processor(True), V2Interface)
-    assert not issubclass(cfg_logits_processor(False), V2Interface)
+    from emu3_vllm.engine import CFG_PROCESSORS
+
+    def load(v2: bool) -> type:
+        return resolve_obj_by_qualname(CFG_PROCESSORS[v2].replace(":", "."))
+
+    assert issubclass(load(True), V2Interface)
+    assert not issubclass(load(False), V2Interface)

@@ -1,0 +1,187 @@
+"""Engine set-up for Emu3, in one place every front end calls (offline API, CLI, HTTP server, Ray actors).
+
+An Emu3 engine is a vLLM engine plus three choices that must agree with each other and with the platform: which
+model runner runs (V1 or Model Runner V2: fixed before the engine starts, so the CFG adapter matches it), which CFG
+logits-processor adapter it loads, and which pair-aware scheduler keeps the CFG halves in lockstep. On CPU it also
+gets the defaults a small machine needs (KV cache size, per-rank OpenMP binding for tensor parallelism).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .inputs import ItemError
+
+logger = logging.getLogger("emu3_vllm")
+
+# The CFG adapters by runner (both wrap `cfg.guide_pairs`), as vLLM's `module:Class` names so the same value serves
+# `vllm.LLM(logits_processors=...)` and `--logits-processors` on the server command line.
+CFG_PROCESSORS = {False: "emu3_vllm.cfg_processor:Emu3CfgLogitsProcessor",
+                  True: "emu3_vllm.cfg_processor_v2:Emu3CfgLogitsProcessorV2"}
+PAIR_SCHEDULERS = {False: "emu3_vllm.scheduler.PairAwareScheduler",
+                   True: "emu3_vllm.scheduler.PairAwareAsyncScheduler"}
+CPU_KVCACHE_GIB = "1"  # vLLM's CPU default reserves 4 GiB per engine; Emu3's small checkpoints need far less
+
+
+def pin_model_runner() -> bool:
+    """Whether the engine will run vLLM's Model Runner V2, fixed now so the CFG adapter matches the runner.
+
+    `VLLM_USE_V2_MODEL_RUNNER` decides when set; otherwise vLLM's own default (V2 where Triton works, i.e. on
+    GPUs; V1 on CPU builds) is pinned into it for the engine processes.
+    """
+    import importlib.util
+
+    value = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
+    if value is None:
+        from vllm.triton_utils import HAS_TRITON
+
+        # vLLM releases before V2 took custom logits processors (e.g. 0.26) lack its interface module.
+        try:
+            v2_interface = importlib.util.find_spec("vllm.v1.worker.gpu.sample.logits_processor") is not None
+        except ModuleNotFoundError:
+            v2_interface = False
+        value = "1" if HAS_TRITON and v2_interface else "0"
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = value
+    return value.strip().lower() in ("1", "true", "yes")
+
+
+def on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def cpu_thread_binding(tensor_parallel_size: int, cores: list[int] | None = None) -> str:
+    """`VLLM_CPU_OMP_THREADS_BIND` giving each tensor-parallel rank its own contiguous share of this process's
+    cores ("0|1" for 2 ranks on 2 cores); vLLM's automatic binding asks for one NUMA node per rank instead."""
+    cores = sorted(cores if cores is not None else os.sched_getaffinity(0))
+    if len(cores) < tensor_parallel_size:
+        raise ValueError(f"tensor_parallel_size={tensor_parallel_size} needs at least one CPU core per rank; this "
+                         f"process may use {len(cores)}")
+    share, extra = divmod(len(cores), tensor_parallel_size)
+    groups, start = [], 0
+    for rank in range(tensor_parallel_size):
+        size = share + (rank < extra)
+        group = cores[start:start + size]
+        start += size
+        groups.append(str(group[0]) if size == 1 else f"{group[0]}-{group[-1]}")
+    return "|".join(groups)
+
+
+def apply_cpu_defaults(engine_kwargs: dict[str, Any]) -> None:
+    """Environment defaults for CPU engines; anything the user set wins."""
+    if not on_cpu():
+        return
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_GIB)
+    tp = int(engine_kwargs.get("tensor_parallel_size") or 1)
+    if tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(tp)
+
+
+def emu3_engine_kwargs(engine_kwargs: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """vLLM engine kwargs for an Emu3 engine, and whether it runs Model Runner V2.
+
+    Fills in the CFG logits processor for the pinned runner and the pair-aware scheduler for the engine's scheduling
+    mode (vLLM schedules asynchronously by default except on CPU, and a synchronous scheduler class would switch
+    that off), unless given; applies the CPU defaults.
+    """
+    kwargs = dict(engine_kwargs)
+    apply_cpu_defaults(kwargs)
+    v2 = pin_model_runner()
+    kwargs.setdefault("logits_processors", [CFG_PROCESSORS[v2]])
+    asynchronous = kwargs.get("async_scheduling") is not False and not on_cpu()
+    kwargs.setdefault("scheduler_cls", PAIR_SCHEDULERS[asynchronous])
+    return kwargs, v2
+
+
+def start_llm(model: str, *, seed: int = 0, **engine_kwargs: Any):
+    """A `vllm.LLM` set up for Emu3 (see `emu3_engine_kwargs`), and whether it runs Model Runner V2."""
+    from vllm import LLM
+
+    kwargs, v2 = emu3_engine_kwargs(engine_kwargs)
+    llm = LLM(model=model, seed=seed, **kwargs)
+    limits = EngineLimits.of(llm.llm_engine.vllm_config)
+    if not limits.pair_scheduler:
+        logger.warning("scheduler %s is not emu3_vllm's pair-aware scheduler: CFG pairs may fall out of lockstep "
+                       "(such images fail with an error)", llm.llm_engine.vllm_config.scheduler_config.scheduler_cls)
+    return llm, v2
+
+
+def abort(engine, request_ids: list[str]) -> None:
+    """Abort requests by the ids `LLM.enqueue` returned. The engine may already be gone (Ctrl-C in a terminal
+    reaches its processes too); then there is nothing left to abort."""
+    if not request_ids:
+        return
+    try:
+        engine.abort_request(request_ids, internal=True)
+    except Exception as exc:  # noqa: BLE001 - cleanup must not replace the exception that got us here
+        logger.debug("could not abort %d requests: %s", len(request_ids), exc)
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """What an image must fit in, read from a running engine's config."""
+
+    max_model_len: int
+    kv_blocks: int | None
+    block_size: int
+    max_batched_tokens: int
+    max_num_seqs: int
+    pair_scheduler: bool
+
+    @classmethod
+    def of(cls, vllm_config) -> "EngineLimits":
+        scheduler_cls = vllm_config.scheduler_config.scheduler_cls
+        name = str(getattr(scheduler_cls, "__name__", scheduler_cls))
+        return cls(max_model_len=vllm_config.model_config.max_model_len,
+                   kv_blocks=vllm_config.cache_config.num_gpu_blocks,
+                   block_size=vllm_config.cache_config.block_size,
+                   max_batched_tokens=vllm_config.scheduler_config.max_num_batched_tokens,
+                   max_num_seqs=vllm_config.scheduler_config.max_num_seqs,
+                   pair_scheduler="PairAware" in name)
+
+    def check_image(self, where: str, cond_len: int, uncond_len: int, num_tokens: int, height: int,
+                    width: int) -> None:
+        """An `ItemError` if a CFG pair with these prompt lengths can never run on this engine."""
+        from vllm.utils.math_utils import cdiv
+
+        longest = max(cond_len, uncond_len) + num_tokens
+        if longest > self.max_model_len:
+            # Blame the prompt when the image would fit after the (shared) negative prompt.
+            field = "prompt" if uncond_len + num_tokens <= self.max_model_len else "size"
+            raise ItemError(f"{where}: a {height}x{width} image needs {num_tokens} tokens after a "
+                            f"{max(cond_len, uncond_len)}-token prompt: {longest} positions, beyond the model's "
+                            f"max_model_len {self.max_model_len}", field)
+        blocks = cdiv(cond_len + num_tokens, self.block_size) + cdiv(uncond_len + num_tokens, self.block_size)
+        if self.kv_blocks is not None and blocks > self.kv_blocks:
+            raise ItemError(f"{where}: the image's two CFG halves need {blocks} KV blocks; the cache has "
+                            f"{self.kv_blocks} (raise the KV cache size)", "size")
+        if self.pair_scheduler and cond_len + uncond_len > self.max_batched_tokens:
+            raise ItemError(f"{where}: the two prompts ({cond_len + uncond_len} tokens) exceed "
+                            f"max_num_batched_tokens {self.max_batched_tokens}", "prompt")
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_model(model: str | os.PathLike) -> str:
+    """The model argument, checked without loading anything: an existing checkpoint folder, or a hub id.
+
+    A path that does not exist and does not look like `org/name` is a typo, not a hub id: say so plainly.
+    """
+    text = str(model)
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise FileNotFoundError(f"model {text}: not a checkpoint folder")
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model {text}: no config.json there, so it is not a checkpoint folder")
+        return text
+    if _HUB_ID.match(text) and not text.startswith((".", "~")):
+        return text  # resolved by transformers / vLLM from the model hub or its cache
+    raise FileNotFoundError(f"model {text}: no such checkpoint folder")
