@@ -130,13 +130,19 @@ def header_text(h: int, w: int, *, boi_token: str, image_wrapper_token: str) -> 
     return f"{boi_token}{h}*{w}{image_wrapper_token}"
 
 
+def pixels_to_tokens(pixels: int) -> int:
+    """Visual tokens along one side: the nearest multiple of 8 pixels, halves rounded up (20 -> 24, 28 -> 32)."""
+    return (pixels + SPATIAL_FACTOR // 2) // SPATIAL_FACTOR
+
+
 def pixels_to_grid(height: int, width: int) -> tuple[int, int]:
-    """Token grid for a requested pixel size, rounded to the nearest multiple of 8 as Emu3's processor does."""
+    """Token grid for a requested pixel size; each side is rounded by `pixels_to_tokens`."""
     if height <= 0 or width <= 0:
         raise ValueError(f"image size must be positive, got {height}x{width}")
-    h, w = round(height / SPATIAL_FACTOR), round(width / SPATIAL_FACTOR)
+    h, w = pixels_to_tokens(height), pixels_to_tokens(width)
     if h < 1 or w < 1:
-        raise ValueError(f"image size {height}x{width} is below one {SPATIAL_FACTOR}-pixel token")
+        raise ValueError(f"image size {height}x{width} is below one {SPATIAL_FACTOR}-pixel token "
+                         f"(the smallest side is {SPATIAL_FACTOR // 2} pixels, rounded up to {SPATIAL_FACTOR})")
     return h, w
 
 

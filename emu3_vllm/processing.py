@@ -135,7 +135,9 @@ class Emu3MultiModalProcessor(BaseMultiModalProcessor[Emu3ProcessingInfo]):
             images = [images]
         pixel_values, image_sizes = [], []
         for image in images:
-            out = image_processor(images=[image], do_pad=False, return_tensors=None)
+            # Images arrive as height x width x channels. Left to guess, transformers reads an image 1 or 3 pixels
+            # high as channels-first and fails (1 px) or silently mangles it (3 px).
+            out = image_processor(images=[image], do_pad=False, return_tensors=None, input_data_format="channels_last")
             pixels = np.asarray(out["pixel_values"][0], dtype=np.float32)
             h, w = pixels.shape[-2:]
             pad_to = hf_kwargs.get(PAD_TO_KWARG)

@@ -61,3 +61,82 @@ class VQDecoder:
             for i, image in zip(idxs, pil):
                 images[i] = image
         return images
+
+
+class DecodeWorker:
+    """VQ-decodes finished images on a background thread, a batch of whatever has arrived (up to `max_batch`) at a
+    time, so the engine keeps stepping while images decode. `decode` maps code grids to images; a batch that fails
+    to decode fails its images (with the reason), not the stream."""
+
+    def __init__(self, decode, max_batch: int = 32):
+        import queue
+        import threading
+
+        self._decode = decode
+        self._max_batch = max(1, max_batch)
+        self._todo: "queue.Queue" = queue.Queue()
+        self._done: "queue.Queue" = queue.Queue()
+        self.pending = 0  # submitted, not yet collected
+        self.busy_seconds = 0.0
+        self._thread = threading.Thread(target=self._run, name="emu3-vq-decode", daemon=True)
+        self._thread.start()
+
+    def submit(self, index: int, result) -> None:
+        self.pending += 1
+        self._todo.put((index, result))
+
+    def done(self, wait: bool = False) -> list:
+        """Decoded (index, result) pairs so far; with `wait`, block until at least one is there."""
+        import queue
+
+        out = []
+        if wait and self.pending:
+            out.append(self._done.get())
+        while True:
+            try:
+                out.append(self._done.get_nowait())
+            except queue.Empty:
+                break
+        self.pending -= len(out)
+        return out
+
+    def close(self) -> float:
+        """Stop after the batch in hand; returns the seconds spent decoding."""
+        self._todo.put(None)
+        self._thread.join()
+        return self.busy_seconds
+
+    def _run(self) -> None:
+        import contextlib
+        import queue
+        import time
+
+        # Decoding on its own CUDA stream lets it overlap other GPU work of this process.
+        stream = torch.cuda.stream(torch.cuda.Stream()) if torch.cuda.is_available() else contextlib.nullcontext()
+        with stream:
+            while True:
+                first = self._todo.get()
+                if first is None:
+                    return
+                batch, stop = [first], False
+                while len(batch) < self._max_batch:
+                    try:
+                        item = self._todo.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        stop = True
+                        break
+                    batch.append(item)
+                start = time.perf_counter()
+                try:
+                    for (_, result), image in zip(batch, self._decode([r.codes for _, r in batch])):
+                        result.image = image
+                except Exception as exc:  # e.g. out of memory: those images fail, the stream goes on
+                    for index, result in batch:
+                        result.error = f"item {index}: VQ decode failed: {type(exc).__name__}: {exc}"
+                self.busy_seconds += time.perf_counter() - start
+                for item in batch:
+                    self._done.put(item)
+                if stop:
+                    return

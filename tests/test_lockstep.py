@@ -40,6 +40,8 @@ def test_broken_lockstep_is_detected_without_the_pair_scheduler(checkpoints, eng
               "max_num_batched_tokens": 64, "enable_chunked_prefill": True}
     with Emu3(checkpoints["a"], **kwargs) as stock:
         results = stock.generate_images(PROMPTS[:6], height=32, width=32, seed=7, use_tqdm=False)
+    with pytest.raises(RuntimeError, match="this Emu3 engine is closed"):  # a call after close() says so plainly
+        stock.generate_images(PROMPTS[:1], height=32, width=32, use_tqdm=False)
     reference = engine_factory("a").generate_images(PROMPTS[:6], height=32, width=32, seed=7, use_tqdm=False)
     failed = [r for r in results if r.error]
     assert failed, "no desync detected although the stock scheduler split the pairs"

@@ -1,0 +1,186 @@
+"""The streaming core under every image front end: keep the engine full, hand back each image as its pair finishes.
+
+`ImageStream.run` takes (index, prompt, spec or error) items lazily, keeps up to `max_in_flight` images' request
+pairs submitted (so the pair scheduler always has a waiting pair to start when one finishes), steps the engine
+itself, and yields `(index, GeneratedImage)` as soon as an image is done; finished code grids are VQ-decoded in
+batches on a background thread while the engine keeps stepping (no more than two batches wait for it: beyond
+that, decode is the bottleneck and new prompts wait). Bad items come back as errors naming their index
+and never reach the engine. Whatever ends the stream early (the consumer stops iterating, an exception, Ctrl-C)
+aborts every request this stream still has in the engine, so the engine is left as it was.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .engine import EngineLimits, abort
+from .inputs import ItemError
+from .layout import ImageTokenIds
+from .protocol import COND, UNCOND, ImageSpec, PairError, PromptTokens, pair_codes, pair_prompts, pair_sampling_params
+from .results import GeneratedImage
+
+logger = logging.getLogger("emu3_vllm")
+
+_stream_ids = itertools.count()
+
+
+@dataclass
+class _Pair:
+    index: int
+    result: GeneratedImage
+    request_ids: list[str]  # vLLM's internal ids, for aborting
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StreamStats:
+    """What one stream did, for progress displays and benchmarks."""
+
+    submitted: int = 0
+    finished: int = 0
+    failed: int = 0
+    engine_steps: int = 0  # engine steps while this stream had requests in the engine
+    image_tokens: int = 0  # tokens of the images that finished (each half decodes them once)
+    max_in_engine: int = 0  # most images this stream had in the engine at once
+    decode_seconds: float = 0.0  # VQ decode time on the background thread
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def mean_pairs_per_step(self) -> float:
+        """Pairs decoding per engine step, on average: every running pair advances one token per step."""
+        return self.image_tokens / self.engine_steps if self.engine_steps else 0.0
+
+
+class ImageStream:
+    """One pass of image specs through an engine; see the module docstring."""
+
+    def __init__(self, llm, *, tokens: PromptTokens, token_ids: ImageTokenIds, limits: EngineLimits,
+                 prompt_len: Callable[[str], int], max_in_flight: int, decoder=None, decode_batch: int = 32):
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+        self.llm = llm
+        self.tokens = tokens
+        self.token_ids = token_ids
+        self.limits = limits
+        self.prompt_len = prompt_len
+        self.max_in_flight = max_in_flight
+        self.decoder = decoder
+        self.decode_batch = decode_batch
+        self.stats = StreamStats()
+        self._name = f"s{next(_stream_ids)}"
+
+    def run(self, items: Iterable[tuple[int, Any, ImageSpec | ItemError]]) -> Iterator[tuple[int, GeneratedImage]]:
+        from .vq import DecodeWorker
+
+        source = iter(items)
+        exhausted = False
+        in_flight: dict[str, _Pair] = {}  # pair id -> pair
+        by_request: dict[str, tuple[str, str]] = {}  # vLLM request id (as outputs carry it) -> (pair id, role)
+        ready: deque[tuple[int, GeneratedImage]] = deque()
+        worker = DecodeWorker(self.decoder.decode, self.decode_batch) if self.decoder is not None else None
+        engine = self.llm.llm_engine
+        try:
+            while True:
+                # Top up the engine; a decode backlog holds new work back, since decode is then the bottleneck.
+                while not exhausted and len(in_flight) < self.max_in_flight and (
+                        worker is None or worker.pending < 2 * self.decode_batch):
+                    item = next(source, None)
+                    if item is None:
+                        exhausted = True
+                    else:
+                        self._submit(*item, in_flight, by_request, ready)
+                if worker is not None:
+                    ready.extend(worker.done())
+                while ready:
+                    index, result = ready.popleft()
+                    self._count(result)
+                    yield index, result
+                if in_flight:
+                    self.stats.engine_steps += 1
+                    for output in engine.step():
+                        if output.finished:
+                            self._finish(output, in_flight, by_request, ready, worker)
+                elif worker is not None and worker.pending:
+                    ready.extend(worker.done(wait=True))
+                elif exhausted:
+                    return
+        finally:
+            if in_flight:
+                abort(engine, [rid for pair in in_flight.values() for rid in pair.request_ids])
+            if worker is not None:
+                self.stats.decode_seconds = worker.close()
+
+    def _count(self, result: GeneratedImage) -> None:
+        if result.error is None:
+            self.stats.finished += 1
+            self.stats.image_tokens += result.spec.num_tokens
+        else:
+            self.stats.failed += 1
+
+    def _submit(self, index: int, prompt: Any, spec: ImageSpec | ItemError, in_flight: dict, by_request: dict,
+                ready: deque) -> None:
+        if isinstance(spec, ItemError):
+            logger.warning("%s", spec)
+            ready.append((index, GeneratedImage.failed(prompt, str(spec))))
+            return
+        result = GeneratedImage.of(spec)
+        where = f"item {index}"
+        try:
+            cond, uncond = pair_prompts(spec, self.tokens)
+            self.limits.check_image(where, self.prompt_len(cond), self.prompt_len(uncond), spec.num_tokens,
+                                    spec.height, spec.width)
+            pair_id = f"{self._name}:{index}"
+            added: list[str] = []
+            try:
+                for text, params in zip((cond, uncond), pair_sampling_params(spec, pair_id)):
+                    added += self.llm.enqueue({"prompt": text}, params, use_tqdm=False)
+            except Exception as exc:
+                abort(self.llm.llm_engine, added)  # never leave a half waiting for a twin that will not come
+                raise ItemError(f"{where}: rejected by the engine: {exc}") from exc
+        except ItemError as exc:
+            logger.warning("%s", exc)
+            result.error = str(exc)
+            ready.append((index, result))
+            return
+        in_flight[pair_id] = _Pair(index, result, added)
+        for role, request_id in zip((COND, UNCOND), added):
+            by_request[_external_id(request_id)] = (pair_id, role)
+        self.stats.submitted += 1
+        self.stats.max_in_engine = max(self.stats.max_in_engine, len(in_flight))
+
+    def _finish(self, output, in_flight: dict, by_request: dict, ready: deque, worker) -> None:
+        key = by_request.pop(output.request_id, None)
+        if key is None:
+            return  # not this stream's request
+        pair_id, role = key
+        pair = in_flight[pair_id]
+        pair.outputs[role] = output
+        result = pair.result
+        result.prompt_tokens += len(output.prompt_token_ids or ())
+        result.cached_prompt_tokens += output.num_cached_tokens or 0
+        if len(pair.outputs) < 2:
+            return
+        del in_flight[pair_id]
+        spec = result.spec
+        try:
+            result.codes = pair_codes(pair.outputs[COND].outputs[0].token_ids,
+                                      pair.outputs[UNCOND].outputs[0].token_ids, spec.h, spec.w, self.token_ids)
+        except PairError as exc:
+            result.error = f"item {pair.index}: generation failed: {exc}"
+            logger.warning("%s", result.error)
+        if result.error is None and worker is not None:
+            worker.submit(pair.index, result)
+        else:
+            ready.append((pair.index, result))
+
+
+def _external_id(request_id: str) -> str:
+    """The id outputs carry: vLLM appends "-<8 random characters>" to the id a request was added with."""
+    head, sep, tail = request_id.rpartition("-")
+    return head if sep and len(tail) == 8 else request_id

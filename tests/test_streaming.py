@@ -1,0 +1,130 @@
+"""The streaming core: a bounded window of images in the engine, every index once, results as pairs finish; and
+`emu3-vllm generate` writing each image the moment it is done, surviving SIGKILL and Ctrl-C, and resuming to
+byte-identical PNGs."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from cli_helpers import ENGINE_FLAGS, assert_manifest_names_complete_files, cli, cli_process, counts, manifest
+
+
+def test_iter_images_over_a_generator_of_200_prompts_keeps_the_window(engine_factory):
+    from emu3_vllm.streaming import StreamStats
+
+    engine = engine_factory("a")
+    unfinished = engine.llm.llm_engine.get_num_unfinished_requests
+    pulled = []
+
+    def prompts():
+        for i in range(200):
+            pulled.append(i)
+            yield f"a small emu number {i}"
+
+    stats = StreamStats()
+    seen, most_in_engine, most_ahead = [], 0, 0
+    for index, result in engine.iter_images(prompts(), height=8, width=16, seed=0, max_in_flight=6, decode_batch=4,
+                                            stats=stats):
+        assert result.error is None, result.error
+        assert result.image.size == (16, 8) and result.seed == index
+        seen.append(index)
+        most_in_engine = max(most_in_engine, unfinished())
+        most_ahead = max(most_ahead, len(pulled) - len(seen))
+    assert sorted(seen) == list(range(200))
+    assert most_in_engine <= 2 * 6  # both halves of at most 6 images
+    assert stats.max_in_engine == 6
+    # Prompts are read as the window frees up, never materialised: at most the engine's 6, 2 decode batches of 4
+    # waiting for the decoder, and the one being handed over.
+    assert most_ahead <= 6 + 2 * 4 + 1
+    assert unfinished() == 0
+    assert stats.finished == 200 and stats.engine_steps > 0
+
+
+def test_generate_images_is_the_stream_collected_in_order(engine_factory):
+    engine = engine_factory("a")
+    prompts = ["a red emu", "a blue emu", "", "a green emu"]
+    collected = engine.generate_images(prompts, height=16, width=16, seed=3, use_tqdm=False)
+    streamed = dict(engine.iter_images(prompts, height=16, width=16, seed=3, max_in_flight=1))
+    assert sorted(streamed) == [0, 1, 2, 3]
+    assert [r.codes for r in collected] == [streamed[i].codes for i in range(4)]
+    assert "item 2: prompt is empty" in collected[2].error
+
+
+def test_stopping_a_stream_early_aborts_what_it_had_in_the_engine(engine_factory):
+    engine = engine_factory("a")
+    stream = engine.iter_images([f"emu {i}" for i in range(12)], height=16, width=16, seed=1, max_in_flight=4)
+    next(stream)
+    with pytest.raises(RuntimeError, match="still open"):
+        engine.understand("Describe a cat.", max_new_tokens=2, use_tqdm=False)
+    stream.close()
+    assert engine.llm.llm_engine.get_num_unfinished_requests() == 0
+    again = engine.generate_images(["emu 0"], height=16, width=16, seed=1, use_tqdm=False)[0]
+    assert again.error is None
+
+
+def _png_times(out, proc, until: int, timeout: float = 300):
+    """Poll the folder while the CLI runs: (seconds, images in the manifest) each time the count grows."""
+    seen, start = [], time.monotonic()
+    while time.monotonic() - start < timeout:
+        count = len([r for r in manifest(out) if "file" in r])
+        if not seen or count > seen[-1][1]:
+            seen.append((time.monotonic() - start, count))
+        if count >= until or proc.poll() is not None:
+            return seen
+        time.sleep(0.02)
+    raise AssertionError(f"no progress in {timeout} s: {seen}")
+
+
+def test_cli_writes_images_as_they_finish_survives_sigkill_and_ctrl_c_and_resumes(checkpoints, tmp_path):
+    n = 14
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"an emu on a hill, take {i}\n" for i in range(n)))
+    # --max-num-seqs 2: one pair at a time, so the images finish in n waves.
+    args = ["generate", "--model", checkpoints["a"], "--prompts", prompts, "--height", 32, "--width", 32,
+            "--seed", 7, "--max-num-seqs", 2, "--no-progress", *ENGINE_FLAGS]
+
+    reference = tmp_path / "reference"
+    done = cli(*args, "--out", reference)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert counts(done.stdout) == {"out": str(reference), "images": n, "skipped": 0, "written": n,
+                                           "failed": 0, "regenerated": 0}
+
+    # SIGKILL mid-way: what the manifest names is whole, and images appeared one after another.
+    out = tmp_path / "out"
+    proc = cli_process(*args, "--out", out)
+    try:
+        growth = _png_times(out, proc, until=n // 2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        time.sleep(1)
+    killed_at = len([r for r in manifest(out) if "file" in r])
+    assert 0 < killed_at < n, growth
+    assert len(growth) >= 3, growth  # the count grew in several steps, not all at once at the end
+    assert_manifest_names_complete_files(out)
+
+    # Ctrl-C (SIGINT to the job's process group, as a terminal sends it): exit 130, folder consistent.
+    proc = cli_process(*args, "--out", out)
+    try:
+        _png_times(out, proc, until=killed_at + 2)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    interrupted_at = len({r["index"] for r in manifest(out) if "file" in r})
+    assert killed_at < interrupted_at <= n
+    assert_manifest_names_complete_files(out)
+
+    resumed = cli(*args, "--out", out)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    stats = counts(resumed.stdout)
+    assert stats["skipped"] == interrupted_at and stats["written"] == n - interrupted_at
+    records = assert_manifest_names_complete_files(out)
+    assert sorted({r["index"] for r in records}) == list(range(n))
+    for i in range(n):
+        name = f"{i:05d}.png"
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
