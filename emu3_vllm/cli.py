@@ -1,17 +1,65 @@
-"""`emu3-vllm` command line: make checkpoints, answer questions about images, run the demo."""
+"""`emu3-vllm` command line: make checkpoints, answer questions about images, generate images, run the demo.
+
+Results go to stdout (JSON lines), everything else (vLLM's log, progress bars, warnings) to stderr, so
+`emu3-vllm understand ... > answers.jsonl` is clean. Exit codes: 0 every item done; 1 some items failed (each
+failure is in the output, naming its item); 2 a usage or input error found before any work started; 130
+interrupted (Ctrl-C), with everything finished so far kept.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import sys
 from pathlib import Path
 
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-def _parse_override(text: str):
+
+class UsageError(Exception):
+    """Bad arguments or input found before any work: one line to stderr, exit 2."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Argument types
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def _key_value(text: str):
     key, sep, value = text.partition("=")
-    if not sep:
+    if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     try:
         return key, json.loads(value)
@@ -19,32 +67,33 @@ def _parse_override(text: str):
         return key, value
 
 
-def _cpu_defaults() -> None:
-    # Without a GPU, vLLM reserves VLLM_CPU_KVCACHE_SPACE GiB of KV cache (default 4); tiny models need far less.
+# --------------------------------------------------------------------------------------------------------------
+# Shared plumbing
+
+
+@contextlib.contextmanager
+def _results_stream():
+    """Yield a handle on the real stdout and send everything else written to fd 1, by this process and the engine
+    processes it starts, to stderr: vLLM logs to stdout unless told otherwise."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    results = os.fdopen(saved, "w", buffering=1, encoding="utf-8")
     try:
-        import torch
-
-        has_gpu = torch.cuda.is_available()
-    except Exception:
-        has_gpu = False
-    if not has_gpu:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-
-
-def cmd_make_checkpoint(args) -> int:
-    from .checkpoints import make_random_checkpoint
-
-    overrides = dict(args.set or [])
-    path = make_random_checkpoint(args.dir, size=args.size, seed=args.seed, dtype=args.dtype,
-                                  write_weights=not args.no_weights, **overrides)
-    print(f"wrote a random-weight Emu3 checkpoint ({args.size}) to {path}")
-    return 0
+        with contextlib.redirect_stdout(sys.stderr):
+            yield results
+    finally:
+        results.flush()
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        results.close()
 
 
 def _engine(args):
     from .api import Emu3
 
-    kwargs = {"dtype": args.dtype}
+    kwargs = dict(args.engine_arg or [])
+    kwargs["dtype"] = args.dtype
     for name in ("max_model_len", "tensor_parallel_size", "gpu_memory_utilization", "max_num_seqs"):
         value = getattr(args, name, None)
         if value is not None:
@@ -54,59 +103,141 @@ def _engine(args):
     return Emu3(args.model, seed=args.seed, **kwargs)
 
 
-def _print_answers(items, answers) -> int:
-    failed = 0
-    for i, (item, answer) in enumerate(zip(items, answers)):
-        text = item if isinstance(item, str) else item.get("text", "")
-        record = {"index": i, "question": text, "answer": str(answer)}
+def _check_model(args) -> None:
+    from .engine import check_model
+
+    try:
+        check_model(args.model)
+    except FileNotFoundError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _read_prompt_file(path: str) -> list:
+    from .prompt_files import PromptFileError, read_prompt_file
+
+    try:
+        return read_prompt_file(path)
+    except PromptFileError as exc:
+        raise UsageError(str(exc)) from None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_make_checkpoint(args) -> int:
+    from .checkpoints import make_random_checkpoint
+
+    overrides = dict(args.set or [])
+    try:
+        path = make_random_checkpoint(args.dir, size=args.size, seed=args.seed, dtype=args.dtype,
+                                      write_weights=not args.no_weights, **overrides)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"wrote a random-weight Emu3 checkpoint ({args.size}) to {path}")
+    return EXIT_OK
+
+
+def _understanding_items(args) -> list:
+    if args.prompts_file and args.prompt is not None:
+        raise UsageError("give either --prompt (with --image) or --prompts-file, not both")
+    if args.prompts_file:
+        return _read_prompt_file(args.prompts_file)
+    if args.prompt is not None:
+        for image in args.image or []:
+            if not Path(image).is_file():
+                raise UsageError(f"--image {image}: no such file")
+        return [{"text": args.prompt, "images": args.image or []}]
+    raise UsageError("nothing to answer: give --prompt TEXT [--image PATH ...] or --prompts-file FILE.jsonl")
+
+
+def _answer_records(items: list, answers: list) -> tuple[list[dict], int]:
+    from .inputs import ItemError, understanding_item
+
+    records, failed = [], 0
+    for i, (raw, answer) in enumerate(zip(items, answers)):
+        try:
+            item = understanding_item(raw, f"item {i}")
+            question, images = item.text, [str(img) for img in item.images]
+        except ItemError:
+            question, images = raw, []
+        record = {"index": i, "question": question, "images": images, "answer": str(answer)}
         if answer.error:
             record["error"] = answer.error
             failed += 1
-        print(json.dumps(record, ensure_ascii=False))
-    return 1 if failed == len(answers) and answers else 0
-
-
-def _read_items(args) -> list:
-    items = []
-    if args.prompts_file:
-        with open(args.prompts_file) as fh:
-            for line in fh:
-                if line.strip():
-                    items.append(json.loads(line))
-    if args.prompt is not None:
-        items.append({"text": args.prompt, "images": args.image or []})
-    if not items:
-        raise SystemExit("nothing to answer: give --prompt TEXT [--image PATH ...] or --prompts-file FILE.jsonl")
-    return items
+        records.append(record)
+    return records, failed
 
 
 def cmd_understand(args) -> int:
-    _cpu_defaults()
-    items = _read_items(args)
-    engine = _engine(args)
-    try:
-        answers = engine.understand(items, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-    finally:
-        engine.close()
-    return _print_answers(items, answers)
+    items = _understanding_items(args)
+    _check_model(args)
+    with _results_stream() as out:
+        engine = _engine(args)
+        try:
+            answers = engine.understand(items, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+        finally:
+            engine.close()
+        records, failed = _answer_records(items, answers)
+        for record in records:
+            out.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+    if failed:
+        print(f"{failed} of {len(items)} items failed (see their \"error\")", file=sys.stderr)
+    return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+def _generation_prompts(args) -> list:
+    if args.prompts:
+        return _read_prompt_file(args.prompts)
+    return list(args.prompt)
 
 
 def cmd_generate(args) -> int:
-    from .batch_io import generate_to_dir, read_prompts
+    from .image_folder import FolderJob, OutputError
+    from .inputs import GenerationDefaults
+    from .prompts import NEGATIVE_PROMPT
 
-    _cpu_defaults()
-    prompts = read_prompts(args.prompts)
-    engine = _engine(args)
+    prompts = _generation_prompts(args)
+    _check_model(args)
+    defaults = GenerationDefaults(height=args.height, width=args.width, cfg_scale=args.cfg_scale,
+                                  negative_prompt=args.negative_prompt if args.negative_prompt is not None
+                                  else NEGATIVE_PROMPT, top_k=args.top_k, temperature=args.temperature)
     try:
-        kwargs = dict(height=args.height, width=args.width, cfg_scale=args.cfg_scale, top_k=args.top_k,
-                      temperature=args.temperature)
-        if args.negative_prompt is not None:
-            kwargs["negative_prompt"] = args.negative_prompt
-        stats = generate_to_dir(engine, prompts, args.out, batch=args.batch, seed=args.seed, **kwargs)
-    finally:
-        engine.close()
-    print(json.dumps({"out": args.out, **stats}))
-    return 1 if stats["failed"] and not stats["written"] and not stats["skipped"] else 0
+        job = FolderJob(args.out, args.model, prompts, defaults.checked(), args.seed,
+                        regenerate_changed=args.regenerate_changed)
+    except (OutputError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    plan = job.plan
+    if plan.changed:
+        print(f"regenerating {plan.describe_changed()}", file=sys.stderr)
+    if plan.corrupt:
+        print(f"regenerating {len(plan.corrupt)} image(s) whose file no longer matches the manifest: "
+              f"{', '.join(map(str, plan.corrupt[:8]))}", file=sys.stderr)
+
+    def report(index: int, result) -> None:
+        if result.error:
+            print(result.error, file=sys.stderr)
+
+    code = EXIT_OK
+    with _results_stream() as out:
+        if job.needs_engine:
+            engine = _engine(args)
+            try:
+                job.run(engine, max_in_flight=args.max_in_flight, progress=not args.no_progress, on_result=report)
+            except KeyboardInterrupt:
+                print("interrupted: the images in flight were aborted; every finished image is in the folder, and "
+                      "a re-run continues from there", file=sys.stderr)
+                code = EXIT_INTERRUPTED
+            finally:
+                engine.close()
+        else:
+            job.run(None, on_result=report)
+        out.write(json.dumps(job.stats) + "\n")
+    if code == EXIT_OK and job.stats["failed"]:
+        print(f"{job.stats['failed']} of {len(prompts)} images failed (their manifest lines say why)",
+              file=sys.stderr)
+        code = EXIT_SOME_FAILED
+    return code
 
 
 def cmd_demo(args) -> int:
@@ -116,7 +247,6 @@ def cmd_demo(args) -> int:
 
     from .checkpoints import make_random_checkpoint
 
-    _cpu_defaults()
     out = Path(args.out)
     ckpt = out / "tiny-emu3"
     if not (ckpt / "config.json").exists():
@@ -136,35 +266,49 @@ def cmd_demo(args) -> int:
         {"text": "Compare <image> with <image>", "images": [paths[1], paths[2]]},
     ]
     args.model = str(ckpt)
-    engine = _engine(args)
-    try:
-        answers = engine.understand(items, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-        code = _print_answers(items, answers)
-        from .batch_io import generate_to_dir
+    prompts = ["a red emu in the desert", "a city skyline at night", "a bowl of fruit", "a snowy mountain"]
+    with _results_stream() as out_stream:
+        engine = _engine(args)
+        try:
+            answers = engine.understand(items, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+            records, failed = _answer_records(items, answers)
+            for record in records:
+                out_stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+            from .image_folder import ImageFolder
 
-        prompts = ["a red emu in the desert", "a city skyline at night", "a bowl of fruit", "a snowy mountain"]
-        stats = generate_to_dir(engine, prompts, out / "generated", batch=len(prompts), height=64, width=64)
-    finally:
-        engine.close()
-    print(json.dumps({"generated_images": str(out / "generated"), **stats}))
+            folder = ImageFolder(out / "generated", args.model)
+            for index, result in engine.iter_images(prompts, height=64, width=64, seed=0):
+                folder.write(index, result)
+                failed += bool(result.error)
+        finally:
+            engine.close()
+        out_stream.write(json.dumps({"generated_images": str(out / "generated")}) + "\n")
     print("(random weights: answers and images are noise; the point is the pipeline)", file=sys.stderr)
-    return code
+    return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Parser
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="model dtype for vLLM (auto, bfloat16, float32, ...)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-model-len", dest="max_model_len", type=int)
-    p.add_argument("--tensor-parallel-size", dest="tensor_parallel_size", type=int)
-    p.add_argument("--gpu-memory-utilization", dest="gpu_memory_utilization", type=float)
-    p.add_argument("--max-num-seqs", dest="max_num_seqs", type=int)
+    p.add_argument("--max-model-len", dest="max_model_len", type=_positive_int)
+    p.add_argument("--tensor-parallel-size", dest="tensor_parallel_size", type=_positive_int)
+    p.add_argument("--gpu-memory-utilization", dest="gpu_memory_utilization", type=_positive_float)
+    p.add_argument("--max-num-seqs", dest="max_num_seqs", type=_positive_int)
     p.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs / compilation")
-    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--engine-arg", dest="engine_arg", type=_key_value, action="append", metavar="KEY=VALUE",
+                   help="any other vllm.LLM argument, e.g. --engine-arg num_gpu_blocks_override=64")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=_positive_int, default=64)
+    p.add_argument("--temperature", type=_non_negative_float, default=0.0)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="emu3-vllm", description="BAAI Emu3 on vLLM")
+    parser = argparse.ArgumentParser(
+        prog="emu3-vllm", description="BAAI Emu3 on vLLM",
+        epilog="exit codes: 0 all items done, 1 some items failed, 2 usage or input error, 130 interrupted")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("make-checkpoint", help="write a random-weight Emu3 checkpoint")
@@ -172,29 +316,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=["tiny", "small", "8b"], default="tiny")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    p.add_argument("--set", type=_parse_override, action="append", metavar="KEY=VALUE",
+    p.add_argument("--set", type=_key_value, action="append", metavar="KEY=VALUE",
                    help="config override, e.g. --set hidden_size=256 --set codebook_size=1024")
     p.add_argument("--no-weights", action="store_true", help="write config, tokenizer and processor only")
     p.set_defaults(func=cmd_make_checkpoint)
 
-    p = sub.add_parser("understand", help="answer questions about images (JSON lines out)")
+    p = sub.add_parser("understand", help="answer questions about images (JSON lines on stdout)")
     p.add_argument("--model", required=True, help="Emu3 checkpoint directory")
     p.add_argument("--prompt", help="question text")
     p.add_argument("--image", action="append", help="image path (repeat for several images)")
-    p.add_argument("--prompts-file", help='JSON lines: {"text": ..., "images": [paths]}')
+    p.add_argument("--prompts-file", "--prompts", dest="prompts_file",
+                   help='JSON lines: {"text": ..., "images": [paths]}, ["text", [paths]] or "text" per line')
     _add_engine_args(p)
     p.set_defaults(func=cmd_understand)
 
-    p = sub.add_parser("generate", help="text to image with CFG: PNGs + manifest.jsonl, resumable")
+    p = sub.add_parser("generate", help="text to image with CFG into a folder: PNGs + manifest.jsonl, resumable")
     p.add_argument("--model", required=True, help="Emu3 (Gen) checkpoint directory")
-    p.add_argument("--prompts", required=True, help="a prompt, a text file (one per line) or a .jsonl file")
-    p.add_argument("--out", required=True, help="output folder; re-running skips images already written")
-    p.add_argument("--height", type=int, default=720)
-    p.add_argument("--width", type=int, default=720)
-    p.add_argument("--cfg-scale", dest="cfg_scale", type=float, default=3.0)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    source.add_argument("--prompts", metavar="FILE",
+                        help='a text file (one prompt a line) or .jsonl ({"prompt": ..., "seed": ...} a line)')
+    p.add_argument("--out", required=True, help="output folder; a re-run skips the images already there")
+    p.add_argument("--height", type=_positive_int, default=720)
+    p.add_argument("--width", type=_positive_int, default=720)
+    p.add_argument("--cfg-scale", dest="cfg_scale", type=_positive_float, default=3.0)
     p.add_argument("--top-k", dest="top_k", type=int, default=2048)
     p.add_argument("--negative-prompt", dest="negative_prompt")
-    p.add_argument("--batch", type=int, default=64, help="images per engine call (written after each)")
+    p.add_argument("--max-in-flight", "--batch", dest="max_in_flight", type=_positive_int, default=None,
+                   help="images submitted to the engine at once (default: the engine's max_num_seqs)")
+    p.add_argument("--regenerate-changed", action="store_true",
+                   help="replace images in --out that were made with other settings (else: refuse)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_engine_args(p)
     p.set_defaults(func=cmd_generate, temperature=1.0)
 
@@ -206,8 +358,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Keep stdout for results: vLLM (here and in its engine processes) logs to stdout unless told otherwise.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"emu3-vllm {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -24,6 +24,33 @@ _GEN_PROMPT = re.compile(r"\[GEN_PROMPT\](.*?)\[/GEN_PROMPT\]", re.S)
 _QUESTION = re.compile(r"\[QUESTION\](.*?)\[/QUESTION\]", re.S)
 
 
+def _as_bool(value: Any, name: str) -> bool:
+    """A boolean model_arg; lmms-eval hands over `true`/`false` as bools and anything else as it was typed."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "false", "no", "0"):
+        return value.strip().lower() in ("true", "yes", "1")
+    raise ValueError(f"emu3_vllm model_arg {name}: expected true or false, got {value!r}")
+
+
+def _as_number(value: Any, name: str, kind: type = float):
+    """An int or float model_arg, or a ValueError naming it (lmms-eval passes numbers typed, the rest as text)."""
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        number = float(value)
+        if kind is int:
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
+        return number
+    except (TypeError, ValueError):
+        expected = "an integer" if kind is int else "a number"
+        raise ValueError(f"emu3_vllm model_arg {name}: expected {expected}, got {value!r}") from None
+
+
 def _engine_kwargs(tensor_parallel_size, device_map, gpu_memory_utilization, max_num_seqs, dtype, max_model_len,
                    enforce_eager, extra: dict) -> dict:
     """vllm.LLM kwargs from model_args; unknown model_args are logged and ignored."""
@@ -33,7 +60,7 @@ def _engine_kwargs(tensor_parallel_size, device_map, gpu_memory_utilization, max
 
     if device_map not in (None, "auto", "cuda", "cuda:0", "cpu") and tensor_parallel_size is None:
         eval_logger.warning(f"device_map={device_map!r} has no vLLM meaning; use tensor_parallel_size")
-    kwargs: dict[str, Any] = {"tensor_parallel_size": int(tensor_parallel_size or 1)}
+    kwargs: dict[str, Any] = {"tensor_parallel_size": _as_number(tensor_parallel_size or 1, "tensor_parallel_size", int)}
     for name, value in (("gpu_memory_utilization", gpu_memory_utilization), ("max_num_seqs", max_num_seqs),
                         ("dtype", dtype), ("max_model_len", max_model_len), ("enforce_eager", enforce_eager)):
         if value is not None:
@@ -92,10 +119,10 @@ def _collect(adapter: lmms, requests: list[Instance]) -> list[_Doc]:
 def _sampling(gen_kwargs: dict, default_max_new_tokens: int, default_temperature: float, default_do_sample: bool):
     gen_kwargs = dict(gen_kwargs)
     gen_kwargs.pop("visual_cot", None)  # routing flag, not a sampling parameter
-    max_new_tokens = int(gen_kwargs.get("max_new_tokens", default_max_new_tokens))
-    do_sample = bool(gen_kwargs.get("do_sample", default_do_sample))
-    temperature = float(gen_kwargs.get("temperature", default_temperature)) if do_sample else 0.0
-    top_p = float(gen_kwargs.get("top_p") or 1.0)
+    max_new_tokens = _as_number(gen_kwargs.get("max_new_tokens", default_max_new_tokens), "max_new_tokens", int)
+    do_sample = _as_bool(gen_kwargs.get("do_sample", default_do_sample), "do_sample")
+    temperature = _as_number(gen_kwargs.get("temperature", default_temperature), "temperature") if do_sample else 0.0
+    top_p = _as_number(gen_kwargs.get("top_p") or 1.0, "top_p")
     until = gen_kwargs.get("until") or []
     if isinstance(until, str):
         until = [until]
@@ -121,9 +148,9 @@ class _Emu3Base(lmms):
         **kwargs,
     ) -> None:
         super().__init__()
-        self.batch_size_per_gpu = int(batch_size)  # vLLM batches by itself; kept for lmms-eval's bookkeeping
-        self.fail_gracefully = bool(fail_gracefully)
-        self.seed = int(seed)
+        self.batch_size_per_gpu = _as_number(batch_size, "batch_size", int) if batch_size != "auto" else 1  # vLLM batches by itself; kept for lmms-eval's bookkeeping
+        self.fail_gracefully = _as_bool(fail_gracefully, "fail_gracefully")
+        self.seed = _as_number(seed, "seed", int)
         for key in ("device", "max_batch_size"):
             kwargs.pop(key, None)  # lmms-eval's generic arguments; vLLM places the model itself
         self.engine_kwargs = _engine_kwargs(tensor_parallel_size, device_map, gpu_memory_utilization, max_num_seqs,
@@ -192,11 +219,15 @@ class Emu3VLLM(_Emu3Base):
             raise ValueError(f"mode must be 'understanding' or 'generation', got {mode!r}")
         super().__init__(**kwargs)
         self.mode = mode
-        self.max_new_tokens, self.do_sample, self.temperature = int(max_new_tokens), bool(do_sample), float(temperature)
-        self.image_height, self.image_width, self.cfg_scale = int(image_height), int(image_width), float(cfg_scale)
+        self.max_new_tokens = _as_number(max_new_tokens, "max_new_tokens", int)
+        self.do_sample = _as_bool(do_sample, "do_sample")
+        self.temperature = _as_number(temperature, "temperature")
+        self.image_height = _as_number(image_height, "image_height", int)
+        self.image_width = _as_number(image_width, "image_width", int)
+        self.cfg_scale = _as_number(cfg_scale, "cfg_scale")
         self.negative_prompt = negative_prompt if negative_prompt is not None else NEGATIVE_PROMPT
         self.output_image_dir = Path(output_image_dir or "./logs/emu3_vllm_images")
-        self.top_k = int(top_k)
+        self.top_k = _as_number(top_k, "top_k", int)
         self.engine = self._engine(pretrained)
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
@@ -252,16 +283,18 @@ class Emu3VLLMVisualCoT(_Emu3Base):
         super().__init__(**kwargs)
         self.pretrained = pretrained
         self.gen_pretrained = gen_pretrained or "BAAI/Emu3-Gen-hf"
-        self.stage1 = dict(height=int(stage1_image_height), width=int(stage1_image_width),
-                           cfg_scale=float(stage1_cfg_scale),
+        self.stage1 = dict(height=_as_number(stage1_image_height, "stage1_image_height", int),
+                           width=_as_number(stage1_image_width, "stage1_image_width", int),
+                           cfg_scale=_as_number(stage1_cfg_scale, "stage1_cfg_scale"),
                            negative_prompt=stage1_negative_prompt if stage1_negative_prompt is not None
                            else NEGATIVE_PROMPT)
         # Emu3's image length is fixed by its size; stage1_max_new_tokens is accepted for compatibility only.
-        self.stage2_max_new_tokens = int(stage2_max_new_tokens)
-        self.stage2_temperature, self.stage2_do_sample = float(stage2_temperature), bool(stage2_do_sample)
+        self.stage2_max_new_tokens = _as_number(stage2_max_new_tokens, "stage2_max_new_tokens", int)
+        self.stage2_temperature = _as_number(stage2_temperature, "stage2_temperature")
+        self.stage2_do_sample = _as_bool(stage2_do_sample, "stage2_do_sample")
         self.generation_prompt_template = generation_prompt_template
         self.output_dir = Path(output_dir or "./logs/emu3_vllm_visual_cot")
-        self.save_intermediate = bool(save_intermediate)
+        self.save_intermediate = _as_bool(save_intermediate, "save_intermediate")
         self.intermediate_dir = Path(intermediate_dir) if intermediate_dir else self.output_dir
 
     def _split(self, context: str) -> tuple[str, str]:
