@@ -71,13 +71,13 @@ def run_vllm_transformers_backend(ckpt, kwargs, args):
     from transformers import Emu3Processor
     from vllm import LLM, SamplingParams
 
-    from emu3_vllm.prompts import understanding_prompt
+    from emu3_vllm.inputs import UnderstandingItem
+    from emu3_vllm.understanding import build_prompt
 
     processor = Emu3Processor.from_pretrained(ckpt)
-    bos = processor.tokenizer.bos_token
 
     def requests(batch):
-        return [{"prompt": bos + understanding_prompt(text, 1, image_token=processor.image_token),
+        return [{"prompt": build_prompt(UnderstandingItem(text, (image,)), processor),
                  "multi_modal_data": {"image": [image]}} for text, image in batch]
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=0.0, ignore_eos=True)
     kwargs = {k: v for k, v in kwargs.items() if k not in ("logits_processors", "scheduler_cls")}

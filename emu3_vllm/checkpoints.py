@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .prompts import EMU3_CHAT_TEMPLATE
+
 # Emu3 names its reserved tokens <|extra_N|>; these are the ones with a role (HF conversion of Emu3-Chat/Gen).
 EXTRA_TOKENS = 205
 EOL_TOKEN = "<|extra_200|>"  # end of a row of visual tokens
@@ -208,6 +210,8 @@ def make_random_checkpoint(path: str | os.PathLike, size: str = "tiny", seed: in
         max_pixels=proc_over.get("max_pixels", shape.max_pixels),
     )
     processor = Emu3Processor(image_processor=image_processor, tokenizer=tokenizer)
+    # Emu3-Chat-hf's chat template, saved as chat_template.jinja: vLLM's OpenAI server needs one for chat requests.
+    processor.chat_template = EMU3_CHAT_TEMPLATE
     processor.save_pretrained(out)
     # Emu3's generation area (pixels); text-to-image prompts use it as their default size.
     meta = {"size": size, "seed": seed, "image_area": proc_over.get("image_area", shape.image_area)}

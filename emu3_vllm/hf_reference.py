@@ -37,7 +37,7 @@ def hf_understand(model, processor, text: str, images: list, *, max_new_tokens: 
     """Greedy answer ids for one prompt, built by transformers' `Emu3Processor`."""
     import torch
 
-    prompt = understanding_prompt(text, len(images), image_token=processor.image_token)
+    prompt = understanding_prompt(text, len(images), image_token=processor.image_token, processor=processor)
     inputs = processor(text=[prompt], images=images or None, return_tensors="pt").to(model.device)
     extra = {"min_new_tokens": min_new_tokens} if min_new_tokens else {}
     with torch.no_grad():
