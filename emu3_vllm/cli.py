@@ -16,6 +16,8 @@ import os
 import sys
 from pathlib import Path
 
+from .plugin import DIE_WITH_PARENT_ENV
+
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
@@ -360,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     # Keep stdout for results: vLLM (here and in its engine processes) logs to stdout unless told otherwise.
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    # A killed emu3-vllm takes its engine processes with it (a re-run then finds the GPU free).
+    os.environ.setdefault(DIE_WITH_PARENT_ENV, "1")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -139,8 +139,13 @@ class ImageFolder:
             record.update(file=name, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
         else:
             record["error"] = result.error
-        with open(self.manifest_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+        line = json.dumps(record, ensure_ascii=False, default=str)
+        try:
+            data = (line + "\n").encode("utf-8")
+        except UnicodeEncodeError:  # a rejected prompt holding lone surrogates: keep it, \u-escaped
+            data = (json.dumps(record, default=str) + "\n").encode("ascii")
+        with open(self.manifest_path, "ab") as fh:
+            fh.write(data)
         return record
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .layout import pixels_to_grid, pixels_to_tokens
+from .layout import SPATIAL_FACTOR, pixels_to_grid, pixels_to_tokens
 from .prompts import DEFAULT_CFG_SCALE, NEGATIVE_PROMPT, POSITIVE_SUFFIX
 from .protocol import ImageSpec
 
@@ -80,10 +80,11 @@ def image_grid(height: Any, width: Any, where: str) -> tuple[int, int]:
     """Token grid (rows, columns) for a pixel size; see `layout.pixels_to_grid` for the rounding rule."""
     height = integer_value(height, "height", where, minimum=1)
     width = integer_value(width, "width", where, minimum=1)
-    try:
-        return pixels_to_grid(height, width)
-    except ValueError as exc:
-        raise ItemError(f"{where}: {exc}", "height" if pixels_to_tokens(height) < 1 else "width") from exc
+    for field, value in (("height", height), ("width", width)):
+        if pixels_to_tokens(value) < 1:
+            raise ItemError(f"{where}: {field} {value} is below one {SPATIAL_FACTOR}-pixel token (the smallest side "
+                            f"is {SPATIAL_FACTOR // 2} pixels, rounded up to {SPATIAL_FACTOR})", field)
+    return pixels_to_grid(height, width)
 
 
 def _show(value: Any) -> str:

@@ -89,7 +89,7 @@ class ImageStream:
             while True:
                 # Top up the engine; a decode backlog holds new work back, since decode is then the bottleneck.
                 while not exhausted and len(in_flight) < self.max_in_flight and (
-                        worker is None or worker.pending < 2 * self.decode_batch):
+                        worker is None or worker.pending + len(ready) < 2 * self.decode_batch):
                     item = next(source, None)
                     if item is None:
                         exhausted = True

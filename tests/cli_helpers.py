@@ -42,10 +42,11 @@ def manifest(out: Path) -> list[dict]:
 
 
 def assert_manifest_names_complete_files(out: Path) -> list[dict]:
-    """Each image line points to a PNG of the recorded size and hash that decodes whole."""
+    """Each index's latest line (a later line for an index replaces an earlier one) that names a PNG points to a
+    file of the recorded size and hash that decodes whole. Returns those latest lines."""
     from PIL import Image
 
-    records = manifest(out)
+    records = list({r["index"]: r for r in manifest(out)}.values())
     for record in records:
         if "file" not in record:
             continue

@@ -23,13 +23,17 @@ def run_script(name: str, tmp_path: Path, *args: str) -> dict:
 
 
 def test_bench_generation_smoke(tmp_path):
-    result = run_script("bench_generation", tmp_path, "--num-images", "3", "--height", "32", "--width", "32",
-                        "--concurrency", "1,3", "--hf-images", "1")
-    ours = result["emu3_vllm"]["by_concurrency"]
-    assert [r["images"] for r in ours] == [1, 3] and all(r["failed"] == 0 for r in ours)
-    assert all(r["images_per_s"] > 0 for r in ours + result["plain_vllm"]["by_concurrency"])
+    result = run_script("bench_generation", tmp_path, "--num-images", "6", "--height", "16", "--width", "16",
+                        "--chunk", "4", "--hf-images", "1")
+    emu3 = result["emu3_vllm"]
+    for entry in (emu3["stream"], emu3["stream_with_decode"], emu3["chunked"], result["cli"], result["plain_vllm"]):
+        assert entry["images"] == 6 and entry["images_per_s"] > 0 and entry["mean_pairs_per_step"] > 0, entry
+    assert emu3["stream"]["failed"] == 0 and result["cli"]["failed"] == 0
+    assert emu3["stream_with_decode"]["decode_share"] > 0 and emu3["chunked"]["decode_share"] > 0
     assert result["transformers"]["tokens_per_s"] > 0
-    assert set(result["ratios"]) >= {"emu3_vllm_over_plain_vllm", "emu3_vllm_over_transformers"}
+    assert set(result["ratios"]) >= {"stream_over_plain_vllm", "stream_over_chunked", "cli_over_stream",
+                                     "stream_over_transformers"}
+    assert result["kv_cache"]["pairs_that_fit"] == 2  # 0.3 of 6 images
     assert (tmp_path / "bench_generation.png").stat().st_size > 0
 
 

@@ -65,7 +65,7 @@ def test_seeds_and_sizes_follow_one_rule(engine_factory):
     assert results[1].ok and results[1].seed == 2
     assert (results[2].height, results[2].width) == (24, 32)  # nearest multiple of 8, halves up
     assert results[2].image.size == (32, 24)
-    assert "item 3: image size 3x16 is below one 8-pixel token" in results[3].error
+    assert "item 3: height 3 is below one 8-pixel token" in results[3].error
 
 
 def test_call_level_arguments_are_checked_before_anything_runs(engine_factory):
