@@ -1,4 +1,4 @@
-"""Shared plumbing for the benchmark scripts: setup, thread settings, memory sampling, timing, JSON, plots."""
+"""Shared plumbing for the benchmark scripts: setup, thread settings, memory sampling, timing, JSON, plots (matplotlib)."""
 
 from __future__ import annotations
 
@@ -192,52 +192,56 @@ def print_table(headers: list[str], rows: list[list]) -> None:
             print("  ".join("-" * w for w in widths))
 
 
-def plot_lines(path: str, title: str, xlabel: str, ylabel: str, series: dict[str, list[tuple[float, float]]],
-               hlines: dict[str, float] | None = None) -> None:
-    """A small line chart as PNG, drawn with Pillow (no plotting library needed)."""
-    from PIL import Image, ImageDraw
+def _pyplot():
+    import matplotlib
 
-    width, height, margin = 720, 440, 64
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    points = [p for s in series.values() for p in s]
-    ys = [y for _, y in points] + list((hlines or {}).values())
-    xs = [x for x, _ in points]
-    if not points:
-        return
-    x_min, x_max = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    y_max = max(ys) * 1.1 or 1.0
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
 
-    def to_px(x, y):
-        return (margin + (x - x_min) / (x_max - x_min) * (width - 2 * margin),
-                height - margin - y / y_max * (height - 2 * margin))
+    return plt
 
-    draw.rectangle([margin, margin, width - margin, height - margin], outline="black")
-    draw.text((margin, 20), title, fill="black")
-    draw.text((width // 2 - 40, height - 30), xlabel, fill="black")
-    draw.text((8, margin - 20), ylabel, fill="black")
-    for i in range(5):
-        y = y_max * i / 4
-        _, py = to_px(x_min, y)
-        draw.text((8, py - 6), f"{y:.3g}", fill="gray")
-    for x in sorted(set(xs)):
-        px, _ = to_px(x, 0)
-        draw.text((px - 6, height - margin + 6), f"{x:g}", fill="gray")
-    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"]
-    legend_y = margin + 8
-    for (name, pts), color in zip(series.items(), colors):
-        pts = sorted(pts)
-        draw.line([to_px(x, y) for x, y in pts], fill=color, width=3)
-        for x, y in pts:
-            px, py = to_px(x, y)
-            draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill=color)
-        draw.text((margin + 10, legend_y), name, fill=color)
-        legend_y += 16
-    for (name, y), color in zip((hlines or {}).items(), colors[len(series):] or ["gray"]):
-        _, py = to_px(x_min, y)
-        draw.line([(margin, py), (width - margin, py)], fill=color, width=2)
-        draw.text((margin + 10, legend_y), name, fill=color)
-        legend_y += 16
+
+def plot_bars(path: str, title: str, ylabel: str, values: dict[str, float], notes: dict[str, str] | None = None) -> None:
+    """A bar chart as PNG: one bar per contender, its value on top and an optional note inside."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 4.8), dpi=110)
+    labels = list(values)
+    bars = ax.bar(range(len(labels)), [values[k] for k in labels], color=plt.cm.tab10.colors[:len(labels)])
+    ax.bar_label(bars, labels=[f"{values[k]:.3g}" for k in labels], padding=2)
+    for bar, label in zip(bars, labels):
+        if notes and label in notes:
+            ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() / 2, notes[label], ha="center",
+                    va="center", rotation=90, color="white", fontsize=8)
+    ax.set_xticks(range(len(labels)), labels, rotation=15, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    fig.savefig(path)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def plot_lines(path: str, title: str, xlabel: str, ylabel: str, series: dict[str, list[tuple[float, float]]],
+               hlines: dict[str, float] | None = None, logx: bool = False) -> None:
+    """A line chart as PNG: one line per series of (x, y) points, plus optional horizontal reference lines."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=110)
+    for name, points in series.items():
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, marker="o", label=name)
+    for name, y in (hlines or {}).items():
+        ax.axhline(y, linestyle="--", color="gray", label=name)
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
     print(f"wrote {path}")

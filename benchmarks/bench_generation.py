@@ -1,26 +1,35 @@
-"""Text-to-image throughput with CFG: emu3_vllm against plain vLLM decoding and transformers, in one run.
+"""Text-to-image throughput end to end, in one run on one checkpoint, with a KV cache that holds only part of the job.
 
-    python benchmarks/bench_generation.py --size small --num-images 32 --height 64 --width 64 \
-        --out benchmarks/results/generation_cpu_small.json
+    python benchmarks/bench_generation.py --size small --num-images 96 --height 64 --width 64 \
+        --out benchmarks/results/generation_cpu_small.json        # also writes generation_cpu_small.png
 
-(a) emu3_vllm  `Emu3.generate_images`: pair-aware scheduler, CFG logits processor, layout; images/s, image tokens/s.
-(b) plain vLLM the same engine settings and model, stock scheduler, no processor: 2 rows per image (the same cond
-               and uncond prompts), each decoding exactly the image's token count, greedy: the ceiling for (a).
-               Also once with top-k sampling as vLLM's own sampler does it, for reference.
-(c) transformers `Emu3ForConditionalGeneration.generate` with CFG (guidance_scale + negative prompt) and Emu3's
-               layout, batch 1: how Emu3 is run today. With --hf-max-tokens below the image's length it measures
-               that many tokens and reports the per-image time it implies (marked "extrapolated").
+(a)  stream       `Emu3.iter_images` over all images, the engine kept full by the streaming core; codes only, so
+                  this is the in-engine rate, comparable with (d).
+(a') stream+VQ    the same with VQ decode on its background thread, overlapping the engine's steps.
+(b)  cli          `emu3-vllm generate`: PNGs and manifest written to disk as each image finishes (its own process;
+                  the rate is over the streaming phase it reports, engine start excluded).
+(c)  chunked      the path before streaming: chunks of --chunk images, each generated to completion (the engine
+                  drains at every chunk boundary) and then VQ-decoded while the engine idles. Reported with and
+                  without its decode time.
+(d)  plain vLLM   the same cond and uncond rows decoding the same token counts with vLLM's stock scheduler and no
+                  processor, all submitted at once, greedy: the ceiling for (a).
+(e)  transformers `generate` with CFG and Emu3's layout, batch 1 (how Emu3 runs without vLLM); --skip-hf leaves it out.
 
-All three use the same checkpoint, dtype and thread settings. Throughput is measured at several concurrencies
-(images submitted at once), each the fastest of --repeats runs after a warm-up (the JSON keeps all of them);
-the ratios use the largest concurrency.
-Prints a table, writes JSON (--out) and a PNG plot.
+All vLLM contenders get the same engine arguments, KV cache (`num_gpu_blocks_override`, sized so about
+--kv-fraction of the images fit at once), dtype and threads. Each vLLM measurement is the fastest of --repeats
+runs with fresh prompts (only the shared negative prompt is meant to hit the prefix cache). Reported per
+contender: images/s, the mean number of pairs decoding per engine step, and the share of wall time spent in VQ
+decode. Prints a table, writes JSON (--out) and a matplotlib bar chart beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -37,196 +46,274 @@ def prompts(n: int, take: int = 0) -> list[str]:
     return [f"{PROMPT_SUBJECTS[i % len(PROMPT_SUBJECTS)]}, picture {i}, take {take}" for i in range(n)]
 
 
-def run_emu3(ckpt, args, kwargs, concurrencies):
-    from emu3_vllm import Emu3
+def kv_blocks_for(ckpt: str, args, block_size: int) -> tuple[int, int]:
+    """(KV blocks so that about `kv_fraction` of the images' pairs fit at once, blocks one pair needs)."""
+    from transformers import Emu3Processor
+
     from emu3_vllm.layout import num_image_tokens, pixels_to_grid
+    from emu3_vllm.protocol import ImageSpec, PromptTokens, pair_prompts
     from emu3_vllm.prompts import NEGATIVE_PROMPT, POSITIVE_SUFFIX
 
+    tok = Emu3Processor.from_pretrained(ckpt).tokenizer
     h, w = pixels_to_grid(args.height, args.width)
-    n_tokens = num_image_tokens(h, w)
-    out = {"by_concurrency": []}
+    n = num_image_tokens(h, w)
+    longest = max(prompts(args.num_images, 10_000), key=len)
+    spec = ImageSpec(longest, h, w, args.cfg_scale, 0, NEGATIVE_PROMPT, POSITIVE_SUFFIX, args.top_k, 1.0)
+    cond, uncond = (len(tok.encode(t, add_special_tokens=False)) for t in pair_prompts(spec, PromptTokens.from_tokenizer(tok)))
+    per_pair = math.ceil((cond + n) / block_size) + math.ceil((uncond + n) / block_size)
+    fit = max(1, round(args.num_images * args.kv_fraction))
+    return fit * per_pair, per_pair
+
+
+def summary(label, images, seconds, *, mean_pairs=None, decode_seconds=0.0, extra=None):
+    out = {"images": images, "seconds": round(seconds, 4), "images_per_s": images / seconds,
+           "mean_pairs_per_step": round(mean_pairs, 2) if mean_pairs else None,
+           "decode_share": round(decode_seconds / seconds, 3), **(extra or {})}
+    pairs = f"{mean_pairs:6.2f}" if mean_pairs else "     -"
+    print(f"{label:22s} {images:4d} images: {seconds:8.3f} s  {images / seconds:7.3f} images/s  pairs/step {pairs}  "
+          f"decode share {out['decode_share']:.2f}", flush=True)
+    return out
+
+
+def best(runs: list[dict]) -> dict:
+    fastest = min(runs, key=lambda r: r["seconds"])
+    return {**fastest, "seconds_all": [r["seconds"] for r in runs]}
+
+
+def run_emu3(ckpt, args, kwargs):
+    """(a), (a') and (c) on one engine."""
+    from emu3_vllm import Emu3
+    from emu3_vllm.prompts import NEGATIVE_PROMPT, POSITIVE_SUFFIX
+    from emu3_vllm.streaming import StreamStats
+
+    gen = dict(height=args.height, width=args.width, cfg_scale=args.cfg_scale, top_k=args.top_k)
+    out, take = {}, 0
     with _common.PeakMemory() as mem:
         with _common.timed() as start:
             engine = Emu3(ckpt, **kwargs)
         out["engine_start_s"] = round(start["seconds"], 2)
         out["model_runner"] = "v2" if engine.uses_v2_runner else "v1"
-        gen = dict(height=args.height, width=args.width, cfg_scale=args.cfg_scale, top_k=args.top_k, use_tqdm=False)
-        engine.generate_images(prompts(2, take=-1), seed=0, decode=False, **gen)  # warm-up
-        results, take = [], 0
-        for c in concurrencies:
-            times = []
+        engine.generate_images(prompts(4, take=-1), seed=0, use_tqdm=False, **gen)  # warm-up, VQ decoder loaded
+
+        def stream(decode: bool, label: str):
+            nonlocal take
+            runs = []
             for _ in range(args.repeats):
                 take += 1
+                stats = StreamStats()
                 with _common.timed() as t:
-                    results = engine.generate_images(prompts(c, take), seed=1000, decode=False, **gen)
-                times.append(t["seconds"])
-            failed = [r.error for r in results if r.error]
-            if failed:
-                print(f"emu3_vllm: {len(failed)} of {c} images failed, e.g. {failed[0]}", flush=True)
-            s, spread = _common.best_and_median(times)
-            out["by_concurrency"].append({"images": c, "seconds": round(s, 4), "images_per_s": c / s,
-                                          "image_tokens_per_s": c * n_tokens / s, "failed": len(failed), **spread})
-            print(f"emu3_vllm   {c:4d} images: {s:8.3f} s  {c / s:8.3f} images/s", flush=True)
-        prompt_tokens = sum(r.prompt_tokens for r in results)
-        out["prefix_cache_hit_rate"] = sum(r.cached_prompt_tokens for r in results) / max(prompt_tokens, 1)
-        ok = [r.codes for r in results if r.codes is not None]
-        engine.decode_images(ok[:1])  # loads the VQ decoder
-        with _common.timed() as t:
-            engine.decode_images(ok)
-        out["vq_decode_seconds"] = round(t["seconds"], 4)
-        out["vq_decode_images"] = len(ok)
-        # Takes for the other contenders: fresh prompt texts (same lengths), each run its own.
-        rows = {t: [engine.image_generation_prompts(p, h, w, NEGATIVE_PROMPT, POSITIVE_SUFFIX)
-                    for p in prompts(max(concurrencies), t)] for t in range(take + 1, 3 * take + 4)}
+                    failed = sum(bool(r.error) for _, r in engine.iter_images(
+                        prompts(args.num_images, take), seed=1000, decode=decode, max_in_flight=args.num_images,
+                        stats=stats, **gen))
+                runs.append(summary(label, args.num_images, t["seconds"], mean_pairs=stats.mean_pairs_per_step,
+                                    decode_seconds=stats.decode_seconds,
+                                    extra={"failed": failed}))
+            return best(runs)
+
+        out["stream"] = stream(False, "(a) stream")
+        out["stream_with_decode"] = stream(True, "(a') stream + VQ")
+        runs = []
+        for _ in range(args.repeats):
+            take += 1
+            texts = prompts(args.num_images, take)
+            steps = tokens = 0
+            decode_s = 0.0
+            with _common.timed() as t:
+                for start_i in range(0, args.num_images, args.chunk):
+                    stats = StreamStats()
+                    chunk = dict(engine.iter_images(texts[start_i:start_i + args.chunk], seed=1000 + start_i,
+                                                    decode=False, max_in_flight=args.chunk, stats=stats, **gen))
+                    steps, tokens = steps + stats.engine_steps, tokens + stats.image_tokens
+                    with _common.timed() as d:
+                        engine.decode_images([r.codes for r in chunk.values() if r.codes is not None])
+                    decode_s += d["seconds"]
+            runs.append(summary("(c) chunked", args.num_images, t["seconds"], mean_pairs=tokens / steps,
+                                decode_seconds=decode_s,
+                                extra={"images_per_s_without_decode": args.num_images / (t["seconds"] - decode_s)}))
+        out["chunked"] = best(runs)
+        # Fresh prompt texts (same lengths) for the other contenders, one take per run.
+        prompt_rows = {t: [engine.image_generation_prompts(p, *engine_grid(args), NEGATIVE_PROMPT, POSITIVE_SUFFIX)
+                           for p in prompts(args.num_images, t)] for t in range(take + 1, take + 2 + args.repeats)}
         engine.close()
     out["peak_memory_gib"] = mem.gib
-    return out, rows, n_tokens
+    return out, prompt_rows
 
 
-def run_plain(ckpt, kwargs, rows, n_tokens, concurrencies, top_k, repeats):
-    """Stock vLLM decoding the same rows: greedy at every concurrency (the pure decode ceiling), and once, at the
-    largest, with the same top-k sampling (temperature 1) that (a) does itself."""
+def engine_grid(args) -> tuple[int, int]:
+    from emu3_vllm.layout import pixels_to_grid
+
+    return pixels_to_grid(args.height, args.width)
+
+
+def run_cli(ckpt, args, kwargs, workdir: Path) -> dict:
+    """(b): the CLI in its own process, as a user runs it; its summary line reports the streaming phase."""
+    flags = ["--dtype", kwargs["dtype"], "--max-num-seqs", str(kwargs["max_num_seqs"]),
+             "--max-model-len", str(kwargs["max_model_len"]), "--max-in-flight", str(args.num_images),
+             "--height", str(args.height), "--width", str(args.width), "--cfg-scale", str(args.cfg_scale),
+             "--top-k", str(args.top_k), "--seed", "1000", "--no-progress"]
+    if kwargs.get("enforce_eager"):
+        flags.append("--enforce-eager")
+    for key in ("num_gpu_blocks_override", "block_size", "gpu_memory_utilization"):
+        if key in kwargs:
+            flags += ["--engine-arg", f"{key}={json.dumps(kwargs[key])}"]
+    runs = []
+    for repeat in range(args.repeats):
+        prompt_file = workdir / f"cli_prompts_{repeat}.txt"
+        prompt_file.write_text("\n".join(prompts(args.num_images, 500 + repeat)) + "\n")
+        out_dir = workdir / f"cli_out_{repeat}"
+        proc = subprocess.run([sys.executable, "-m", "emu3_vllm.cli", "generate", "--model", ckpt, "--prompts",
+                               str(prompt_file), "--out", str(out_dir), *flags], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"emu3-vllm generate failed ({proc.returncode}): {proc.stderr[-3000:]}")
+        stats = json.loads(proc.stdout.strip().splitlines()[-1])
+        runs.append(summary("(b) cli, PNGs on disk", stats["written"], stats["seconds"],
+                            mean_pairs=stats["mean_pairs_per_step"], decode_seconds=stats["decode_seconds"],
+                            extra={"failed": stats["failed"],
+                                   "png_bytes": sum(p.stat().st_size for p in out_dir.glob("*.png"))}))
+    return best(runs)
+
+
+def _tokens_per_image(args) -> int:
+    from emu3_vllm.layout import num_image_tokens
+
+    return num_image_tokens(*engine_grid(args))
+
+
+def run_plain(ckpt, kwargs, rows, n_tokens, repeats):
+    """(d): stock vLLM decoding the same rows, stepped by hand to count engine steps."""
     from vllm import LLM, SamplingParams
 
     kwargs = {k: v for k, v in kwargs.items() if k not in ("logits_processors", "scheduler_cls")}
-    fixed = dict(max_tokens=n_tokens, min_tokens=n_tokens, ignore_eos=True)
-    greedy = SamplingParams(temperature=0.0, **fixed)
-    sampled = SamplingParams(temperature=1.0, top_k=top_k, **fixed)
-    out = {"by_concurrency": [], "sampling": "greedy"}
-
-    takes = iter(sorted(rows)[1:])
-
-    def measure(llm, c, params, label):
-        times = []
-        for _ in range(repeats):
-            texts = [t for pair in rows[next(takes)][:c] for t in pair]
-            with _common.timed() as t:
-                outputs = llm.generate(texts, params, use_tqdm=False)
-            times.append(t["seconds"])
-        s, spread = _common.best_and_median(times)
-        produced = sum(len(o.outputs[0].token_ids) for o in outputs)
-        print(f"{label} {c:4d} images: {s:8.3f} s  {c / s:8.3f} images/s ({2 * c} rows)", flush=True)
-        return {"images": c, "rows": 2 * c, "seconds": round(s, 4), "images_per_s": c / s,
-                "row_tokens_per_s": produced / s, "image_tokens_per_s": c * n_tokens / s, **spread}
-
+    params = SamplingParams(temperature=0.0, max_tokens=n_tokens, min_tokens=n_tokens, ignore_eos=True)
+    out, runs, takes = {}, [], iter(sorted(rows))
     with _common.PeakMemory() as mem:
         with _common.timed() as start:
             llm = LLM(model=ckpt, **kwargs)
         out["engine_start_s"] = round(start["seconds"], 2)
-        llm.generate([t for pair in rows[min(rows)][:2] for t in pair], greedy, use_tqdm=False)  # warm-up
-        for c in concurrencies:
-            out["by_concurrency"].append(measure(llm, c, greedy, "plain vLLM greedy"))
-        out["top_k_sampling_at_max_concurrency"] = measure(llm, concurrencies[-1], sampled, "plain vLLM top-k  ")
+        llm.generate([t for pair in rows[next(takes)][:4] for t in pair], params, use_tqdm=False)  # warm-up
+        for _ in range(repeats):
+            texts = [t for pair in rows[next(takes)] for t in pair]
+            steps = 0
+            with _common.timed() as t:
+                llm.enqueue(texts, params, use_tqdm=False)
+                while llm.llm_engine.has_unfinished_requests():
+                    llm.llm_engine.step()
+                    steps += 1
+            runs.append(summary("(d) plain vLLM", len(texts) // 2, t["seconds"],
+                                mean_pairs=len(texts) // 2 * n_tokens / steps))
         llm.llm_engine.engine_core.shutdown()
+    out.update(best(runs))
     out["peak_memory_gib"] = mem.gib
     return out
 
 
 def run_transformers(ckpt, args, rows, n_tokens):
+    """(e): transformers' batch-1 CFG generate (--hf-max-tokens measures fewer tokens and extrapolates)."""
     import torch
     from transformers import Emu3ForConditionalGeneration, Emu3Processor
 
     from emu3_vllm.hf_reference import hf_generate_image_tokens
-    from emu3_vllm.layout import ImageTokenIds, pixels_to_grid
+    from emu3_vllm.layout import ImageTokenIds
 
     dtype = getattr(torch, args.dtype or ("bfloat16" if _common.has_cuda() else "float32"))
     device = "cuda" if _common.has_cuda() else "cpu"
     model = Emu3ForConditionalGeneration.from_pretrained(ckpt, dtype=dtype).to(device).eval()
     tok = Emu3Processor.from_pretrained(ckpt).tokenizer
     ids = ImageTokenIds.from_tokenizer(tok)
-    h, w = pixels_to_grid(args.height, args.width)
+    h, w = engine_grid(args)
     measure = min(n_tokens, args.hf_max_tokens) if args.hf_max_tokens else n_tokens
     gen = dict(do_sample=True, top_k=args.top_k, max_new_tokens=measure)
-    with _common.PeakMemory() as mem:
-        warm = rows[max(rows) - 1][0]
-        hf_generate_image_tokens(model, tok, *warm, h, w, args.cfg_scale, ids, **{**gen, "max_new_tokens": 4})
-        tokens, seconds, rates = 0, 0.0, []
-        for cond, uncond in rows[max(rows)][:args.hf_images]:
-            torch.manual_seed(0)
-            with _common.timed() as t:
-                n = len(hf_generate_image_tokens(model, tok, cond, uncond, h, w, args.cfg_scale, ids, **gen))
-            tokens, seconds = tokens + n, seconds + t["seconds"]
-            rates.append(n / t["seconds"])
-    tok_s = max(rates)  # the fastest image, as for the vLLM contenders
-    print(f"transformers {args.hf_images} images x {measure} tokens: {seconds:.3f} s  {tok_s:.2f} tokens/s", flush=True)
-    return {"images_measured": args.hf_images, "tokens_measured": tokens, "seconds": round(seconds, 4),
-            "tokens_per_s": tok_s, "tokens_per_s_each": [round(r, 3) for r in rates], "seconds_per_image": n_tokens / tok_s, "images_per_s": tok_s / n_tokens,
-            "extrapolated": measure < n_tokens, "batch_size": 1, "peak_memory_gib": mem.gib}
+    pairs = rows[max(rows)]
+    hf_generate_image_tokens(model, tok, *pairs[0], h, w, args.cfg_scale, ids, **{**gen, "max_new_tokens": 4})
+    rates = []
+    for cond, uncond in pairs[1:1 + args.hf_images]:
+        torch.manual_seed(0)
+        with _common.timed() as t:
+            n = len(hf_generate_image_tokens(model, tok, cond, uncond, h, w, args.cfg_scale, ids, **gen))
+        rates.append(n / t["seconds"])
+    tok_s = max(rates)
+    print(f"(e) transformers b=1    {tok_s:.2f} tokens/s -> {tok_s / n_tokens:.3f} images/s", flush=True)
+    return {"images_measured": len(rates), "tokens_per_s": tok_s, "images_per_s": tok_s / n_tokens,
+            "tokens_per_s_each": [round(r, 3) for r in rates], "extrapolated": measure < n_tokens, "batch_size": 1}
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     _common.add_common_args(parser)
-    parser.add_argument("--num-images", type=int, default=32)
+    parser.add_argument("--num-images", type=int, default=96)
     parser.add_argument("--height", type=int, default=64)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--cfg-scale", type=float, default=3.0)
     parser.add_argument("--top-k", type=int, default=2048)
-    parser.add_argument("--concurrency", default=None,
-                        help="comma-separated numbers of images submitted at once (default: 1,8,num-images)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per vLLM measurement (the fastest is reported)")
-    parser.add_argument("--hf-images", type=int, default=3,
-                        help="images transformers generates one at a time (the fastest is reported)")
+    parser.add_argument("--kv-fraction", type=float, default=0.3,
+                        help="size the KV cache so about this share of the images' pairs fit at once")
+    parser.add_argument("--chunk", type=int, default=64, help="images per call in the chunked path (c)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per contender (the fastest is reported)")
+    parser.add_argument("--hf-images", type=int, default=3, help="images transformers generates one at a time")
     parser.add_argument("--hf-max-tokens", type=int, default=None,
                         help="stop transformers after this many tokens per image and extrapolate")
-    parser.add_argument("--plot", help="PNG plot of throughput vs concurrency (default: beside --out)")
+    parser.add_argument("--skip-cli", action="store_true", help="leave out (b)")
+    parser.add_argument("--plot", help="PNG bar chart (default: beside --out)")
     args = parser.parse_args(argv)
 
     threads = _common.configure_threads(args.threads)
     ckpt = _common.checkpoint(args)
-    concurrencies = sorted({int(c) for c in (args.concurrency or f"1,8,{args.num_images}").split(",")
-                            if 0 < int(c) <= args.num_images} | {args.num_images})
-    from emu3_vllm.layout import num_image_tokens, pixels_to_grid
-
-    h, w = pixels_to_grid(args.height, args.width)
-    # Prompts are short: both contenders get the same context and KV budget.
-    max_len = min(256 + num_image_tokens(h, w), _common.max_positions(ckpt))
-    kwargs = _common.engine_args(args, max_num_seqs=2 * args.num_images, max_model_len=max_len)
-
+    n_tokens = _tokens_per_image(args)
+    block_size = 32
+    blocks, per_pair = kv_blocks_for(ckpt, args, block_size)
+    max_len = min(512 + n_tokens, _common.max_positions(ckpt))
+    kwargs = _common.engine_args(args, max_num_seqs=2 * args.num_images, max_model_len=max_len,
+                                 block_size=block_size, num_gpu_blocks_override=blocks)
+    h, w = engine_grid(args)
     result = {"benchmark": "generation", "size": None if args.checkpoint else args.size, "checkpoint": ckpt,
               "decoder_parameters": _common.count_parameters(ckpt), "num_images": args.num_images,
-              "image": {"height": h * 8, "width": w * 8, "grid": [h, w], "tokens_per_image": num_image_tokens(h, w)},
-              "cfg_scale": args.cfg_scale, "top_k": args.top_k, "engine_args": kwargs,
-              "environment": _common.environment(threads)}
-    result["emu3_vllm"], rows, n_tokens = run_emu3(ckpt, args, kwargs, concurrencies)
-    result["environment"]["VLLM_USE_V2_MODEL_RUNNER"] = result["emu3_vllm"]["model_runner"]
+              "image": {"height": h * 8, "width": w * 8, "grid": [h, w], "tokens_per_image": n_tokens},
+              "cfg_scale": args.cfg_scale, "top_k": args.top_k, "chunk": args.chunk,
+              "kv_cache": {"blocks": blocks, "block_size": block_size, "blocks_per_pair": per_pair,
+                           "pairs_that_fit": blocks // per_pair},
+              "engine_args": kwargs, "environment": _common.environment(threads)}
+
+    emu3, rows = run_emu3(ckpt, args, kwargs)
+    result["emu3_vllm"] = emu3
+    result["environment"]["VLLM_USE_V2_MODEL_RUNNER"] = emu3["model_runner"]
+    if not args.skip_cli:
+        with tempfile.TemporaryDirectory(prefix="emu3_bench_cli_", dir=args.workdir) as tmp:
+            result["cli"] = run_cli(ckpt, args, kwargs, Path(tmp))
     if not args.skip_peer:
-        result["plain_vllm"] = run_plain(ckpt, kwargs, rows, n_tokens, concurrencies, args.top_k,
-                                         args.repeats)
+        result["plain_vllm"] = run_plain(ckpt, kwargs, rows, n_tokens, args.repeats)
     if not args.skip_hf:
         result["transformers"] = run_transformers(ckpt, args, rows, n_tokens)
 
-    ours = result["emu3_vllm"]["by_concurrency"][-1]
-    ratios, targets = {}, {}
+    rate = {"(a) stream": emu3["stream"]["images_per_s"], "(a') stream + VQ": emu3["stream_with_decode"]["images_per_s"],
+            "(c) chunked": emu3["chunked"]["images_per_s"]}
+    ratios = {"stream_over_chunked": rate["(a) stream"] / rate["(c) chunked"],
+              "stream_over_chunked_without_decode": rate["(a) stream"] / emu3["chunked"]["images_per_s_without_decode"]}
+    targets = {"(a) stream > (c) chunked": rate["(a) stream"] > rate["(c) chunked"]}
+    if "cli" in result:
+        rate["(b) cli"] = result["cli"]["images_per_s"]
+        ratios["cli_over_stream"] = rate["(b) cli"] / rate["(a) stream"]
+        if _common.has_cuda():
+            targets["(b) cli >= 0.9 x (a) stream (GPU)"] = ratios["cli_over_stream"] >= 0.9
     if "plain_vllm" in result:
-        plain = result["plain_vllm"]
-        ratios["emu3_vllm_over_plain_vllm"] = ours["images_per_s"] / plain["by_concurrency"][-1]["images_per_s"]
-        ratios["emu3_vllm_over_plain_vllm_top_k_sampling"] = (
-            ours["images_per_s"] / plain["top_k_sampling_at_max_concurrency"]["images_per_s"])
-        targets["emu3_vllm >= 0.9 x plain vLLM (greedy)"] = ratios["emu3_vllm_over_plain_vllm"] >= 0.9
+        rate["(d) plain vLLM"] = result["plain_vllm"]["images_per_s"]
+        ratios["stream_over_plain_vllm"] = rate["(a) stream"] / rate["(d) plain vLLM"]
+        targets["(a) stream >= 0.95 x (d) plain vLLM"] = ratios["stream_over_plain_vllm"] >= 0.95
     if "transformers" in result:
-        ratios["emu3_vllm_over_transformers"] = ours["images_per_s"] / result["transformers"]["images_per_s"]
-        targets["emu3_vllm >= 12 x transformers"] = ratios["emu3_vllm_over_transformers"] >= 12
-    if args.size == "8b" and not args.checkpoint and (h, w) == (90, 90):
-        targets["<= 4 s per 720x720 image"] = 1 / ours["images_per_s"] <= 4.0
-    result["seconds_per_image"] = 1 / ours["images_per_s"]
-    result["ratios"], result["targets_met"] = ratios, targets
+        rate["(e) transformers"] = result["transformers"]["images_per_s"]
+        ratios["stream_over_transformers"] = rate["(a) stream"] / rate["(e) transformers"]
+    result["images_per_s"], result["ratios"], result["targets_met"] = rate, ratios, targets
 
     print()
-    rows_out = [["emu3_vllm", ours["images"], ours["images_per_s"], ours["image_tokens_per_s"],
-                 1 / ours["images_per_s"], result["emu3_vllm"]["peak_memory_gib"]]]
-    if "plain_vllm" in result:
-        b = result["plain_vllm"]["by_concurrency"][-1]
-        rows_out.append(["plain vLLM greedy (ceiling)", b["images"], b["images_per_s"], b["image_tokens_per_s"],
-                         1 / b["images_per_s"], result["plain_vllm"]["peak_memory_gib"]])
-        b = result["plain_vllm"]["top_k_sampling_at_max_concurrency"]
-        rows_out.append(["plain vLLM top-k sampling", b["images"], b["images_per_s"], b["image_tokens_per_s"],
-                         1 / b["images_per_s"], result["plain_vllm"]["peak_memory_gib"]])
+    table = []
+    for label, key, source in (("(a) stream", "stream", emu3), ("(a') stream + VQ", "stream_with_decode", emu3),
+                               ("(b) cli, PNGs on disk", None, result.get("cli")),
+                               ("(c) chunked", "chunked", emu3), ("(d) plain vLLM", None, result.get("plain_vllm"))):
+        entry = source.get(key) if key and source else source
+        if entry:
+            table.append([label, entry["images_per_s"], entry["mean_pairs_per_step"] or "-", entry["decode_share"]])
     if "transformers" in result:
-        c = result["transformers"]
-        label = "transformers b=1" + (" (extrapolated)" if c["extrapolated"] else "")
-        rows_out.append([label, 1, c["images_per_s"], c["tokens_per_s"], c["seconds_per_image"], c["peak_memory_gib"]])
-    _common.print_table(["contender", "concurrency", "images/s", "image tokens/s", "s/image", "peak GiB"], rows_out)
+        table.append(["(e) transformers b=1", result["transformers"]["images_per_s"], 1, "-"])
+    _common.print_table(["contender", "images/s", "pairs/step", "decode share"], table)
     for name, value in ratios.items():
         print(f"{name}: {value:.3f}")
     for name, met in targets.items():
@@ -235,13 +322,11 @@ def main(argv=None) -> dict:
     _common.write_json(args.out, result)
     plot = args.plot or (str(Path(args.out).with_suffix(".png")) if args.out else None)
     if plot:
-        series = {"emu3_vllm": [(r["images"], r["images_per_s"]) for r in result["emu3_vllm"]["by_concurrency"]]}
-        if "plain_vllm" in result:
-            series["plain vLLM greedy, 2 rows per image"] = [(r["images"], r["images_per_s"])
-                                                     for r in result["plain_vllm"]["by_concurrency"]]
-        hlines = {"transformers, batch 1": result["transformers"]["images_per_s"]} if "transformers" in result else {}
-        _common.plot_lines(plot, f"Emu3 CFG generation, {h * 8}x{w * 8}, {result['environment'].get('gpu', 'CPU')}",
-                           "images submitted at once", "images/s", series, hlines)
+        where = result["environment"].get("gpu", f"CPU, {threads} threads")
+        _common.plot_bars(plot, f"Emu3 CFG generation: {args.num_images} images of {h * 8}x{w * 8}, "
+                                f"KV cache for ~{blocks // per_pair} pairs ({where})",
+                          "images/s", {label: row[1] for label, row in zip([r[0] for r in table], table)},
+                          notes={row[0]: f"{row[2]} pairs/step" for row in table if row[2] not in ("-", 1)})
     return result
 
 
