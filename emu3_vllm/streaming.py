@@ -140,8 +140,10 @@ class ImageStream:
             try:
                 for text, params in zip((cond, uncond), pair_sampling_params(spec, pair_id)):
                     added += self.llm.enqueue({"prompt": text}, params, use_tqdm=False)
-            except Exception as exc:
+            except BaseException as exc:
                 abort(self.llm.llm_engine, added)  # never leave a half waiting for a twin that will not come
+                if not isinstance(exc, Exception):  # Ctrl-C between the halves
+                    raise
                 raise ItemError(f"{where}: rejected by the engine: {exc}") from exc
         except ItemError as exc:
             logger.warning("%s", exc)
