@@ -40,6 +40,8 @@ def configure_threads(threads: int | None) -> int:
     import torch
 
     n = threads or os.cpu_count() or 1
+    # A benchmark owns its process: its engines die with it, even when it is killed.
+    os.environ.setdefault("EMU3_VLLM_ENGINE_DIES_WITH_PARENT", "1")
     if not has_cuda():
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{n - 1}")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
