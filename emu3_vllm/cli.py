@@ -350,6 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(p)
     p.set_defaults(func=cmd_generate, temperature=1.0)
 
+    # Handled by `serve.main` before this parser runs (every vllm serve flag passes through); listed for --help.
+    sub.add_parser("serve", add_help=False,
+                   help="vLLM's OpenAI server for Emu3 (chat, completions, /v1/images/generations): "
+                        "emu3-vllm serve MODEL [any vllm serve flag]")
+
     p = sub.add_parser("demo", help="build the tiny checkpoint, answer questions and generate images with it")
     p.add_argument("--out", default="out", help="where the checkpoint and demo images go")
     _add_engine_args(p)
@@ -360,6 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     # Keep stdout for results: vLLM (here and in its engine processes) logs to stdout unless told otherwise.
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:
+        from .serve import main as serve
+
+        return serve(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
