@@ -202,6 +202,19 @@ def _coordinator_counts(engine_client):
 # The route
 
 
+async def all_or_none(coroutines) -> list:
+    """Their results, run concurrently; the first exception cancels the others, waits for them and is raised (the
+    rule of Python 3.11's TaskGroup, without its exception groups)."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 def error_response(message: str, field: str | None, status: int = 400):
     from fastapi.responses import JSONResponse
     from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
@@ -279,14 +292,10 @@ class ImagesService:
         except ItemError as exc:
             return error_response(str(exc).removeprefix(f"{WHERE}: "), exc.field)
         request_id = f"img-{uuid.uuid4().hex}"
-        try:
-            async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(self._image(i, spec, f"{request_id}-{i}"))
-                         for i, spec in enumerate(call.specs)]
-        except BaseExceptionGroup as failed:
-            raise failed.exceptions[0] from None  # for vLLM's handlers: its 4xx errors, a dead engine's 500
+        # What escapes an image (vLLM's 4xx errors, a dead engine) goes to vLLM's exception handlers.
+        data = await all_or_none(self._image(i, spec, f"{request_id}-{i}") for i, spec in enumerate(call.specs))
         return JSONResponse(content={"created": int(time.time()), "size": call.size, "output_format": "png",
-                                     "data": [task.result() for task in tasks]})
+                                     "data": data})
 
     async def _check_fits(self, spec: ImageSpec) -> None:
         cond, uncond = pair_prompts(spec, self.tokens)
@@ -322,13 +331,11 @@ class ImagesService:
         request_ids = (f"{pair_id}-{COND}", f"{pair_id}-{UNCOND}")
         finished: dict[str, list[int]] = {}
         rank = self.ranks.acquire()
+        for half_params in params:
+            half_params.output_kind = RequestOutputKind.FINAL_ONLY  # the route needs the last output only
         try:
-            async with asyncio.TaskGroup() as group:
-                for text, half_params, request_id in zip(prompts, params, request_ids):
-                    half_params.output_kind = RequestOutputKind.FINAL_ONLY  # the route needs the last output only
-                    group.create_task(self._half(text, half_params, request_id, rank, finished))
-        except BaseExceptionGroup as failed:
-            raise failed.exceptions[0] from None
+            await all_or_none(self._half(text, half_params, request_id, rank, finished)
+                              for text, half_params, request_id in zip(prompts, params, request_ids))
         finally:
             self.ranks.release(rank)
             running = [request_id for request_id in request_ids if request_id not in finished]
