@@ -352,6 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(p)
     p.set_defaults(func=cmd_generate, temperature=1.0)
 
+    # Handled by `serve.main` before this parser runs (every vllm serve flag passes through); listed for --help.
+    sub.add_parser("serve", add_help=False,
+                   help="vLLM's OpenAI server for Emu3 (chat, completions, /v1/images/generations): "
+                        "emu3-vllm serve MODEL [any vllm serve flag]")
+
     p = sub.add_parser("demo", help="build the tiny checkpoint, answer questions and generate images with it")
     p.add_argument("--out", default="out", help="where the checkpoint and demo images go")
     _add_engine_args(p)
@@ -364,6 +369,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     # A killed emu3-vllm takes its engine processes with it (a re-run then finds the GPU free).
     os.environ.setdefault(DIE_WITH_PARENT_ENV, "1")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:
+        from .serve import main as serve
+
+        return serve(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -56,16 +56,16 @@ def on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
-def cpu_thread_binding(tensor_parallel_size: int, cores: list[int] | None = None) -> str:
-    """`VLLM_CPU_OMP_THREADS_BIND` giving each tensor-parallel rank its own contiguous share of this process's
+def cpu_thread_binding(ranks: int, cores: list[int] | None = None) -> str:
+    """`VLLM_CPU_OMP_THREADS_BIND` giving each of `ranks` engine ranks its own contiguous share of this process's
     cores ("0|1" for 2 ranks on 2 cores); vLLM's automatic binding asks for one NUMA node per rank instead."""
     cores = sorted(cores if cores is not None else os.sched_getaffinity(0))
-    if len(cores) < tensor_parallel_size:
-        raise ValueError(f"tensor_parallel_size={tensor_parallel_size} needs at least one CPU core per rank; this "
+    if len(cores) < ranks:
+        raise ValueError(f"{ranks} engine ranks (tensor x data parallel) need at least one CPU core each; this "
                          f"process may use {len(cores)}")
-    share, extra = divmod(len(cores), tensor_parallel_size)
+    share, extra = divmod(len(cores), ranks)
     groups, start = [], 0
-    for rank in range(tensor_parallel_size):
+    for rank in range(ranks):
         size = share + (rank < extra)
         group = cores[start:start + size]
         start += size
@@ -74,13 +74,19 @@ def cpu_thread_binding(tensor_parallel_size: int, cores: list[int] | None = None
 
 
 def apply_cpu_defaults(engine_kwargs: dict[str, Any]) -> None:
-    """Environment defaults for CPU engines; anything the user set wins."""
+    """Environment defaults for CPU engines; anything the user set wins.
+
+    Every rank on this machine (tensor-parallel ranks of each data-parallel engine the server starts) gets its own
+    share of the cores: vLLM maps the binding's groups to ranks in (data-parallel, tensor-parallel) order, while
+    its automatic binding would put every data-parallel engine on the same core.
+    """
     if not on_cpu():
         return
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_GIB)
     tp = int(engine_kwargs.get("tensor_parallel_size") or 1)
-    if tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(tp)
+    dp = int(engine_kwargs.get("data_parallel_size_local") or engine_kwargs.get("data_parallel_size") or 1)
+    if tp * dp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(tp * dp)
 
 
 def emu3_engine_kwargs(engine_kwargs: dict[str, Any]) -> tuple[dict[str, Any], bool]:

@@ -1,0 +1,314 @@
+"""`emu3-vllm serve`: a real server process on the tiny checkpoint, talked to with the real `openai` client.
+
+Understanding on vLLM's own chat and completions routes equals `Emu3.understand`; `/v1/images/generations` equals
+`Emu3.generate_images` pixel for pixel under 16 concurrent clients; bad input gets 400s naming the field; a client
+that goes away leaves nothing running; lmms-eval's `openai` model evaluates through the server; and with two
+data-parallel engines every pair stays on one engine.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import SERVED_MODEL, SERVER_FLAGS, Server, random_image
+
+
+def data_uri(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def pixels(b64: str) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+
+class GaugeWatch:
+    """Polls /metrics in the background: the most running and waiting requests seen."""
+
+    def __init__(self, server: Server, interval: float = 0.05):
+        self.server, self.interval = server, interval
+        self.most = {"running": 0.0, "waiting": 0.0}
+        self.polls = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                gauges = self.server.gauges()
+            except httpx.HTTPError:  # a slow scrape on a busy machine; the next one counts
+                continue
+            self.polls += 1
+            for name, value in gauges.items():
+                self.most[name] = max(self.most[name], value)
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def wait_idle(server: Server, timeout: float) -> float:
+    """Seconds until no request is running or waiting; fails after `timeout`."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if sum(server.gauges().values()) == 0:
+            return time.monotonic() - start
+        time.sleep(0.1)
+    raise AssertionError(f"still busy after {timeout} s: {server.gauges()}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Understanding
+
+
+def test_chat_with_an_image_equals_understand(emu3_server, engine_factory):
+    from emu3_vllm.inputs import UnderstandingItem
+
+    engine = engine_factory("a")
+    image = random_image(48, 40, seed=3)
+    client = emu3_server.client()
+    offline = engine.understand([("What is this?", [image]), "Describe a cat."], max_new_tokens=8, use_tqdm=False)
+
+    # The system text Emu3.understand puts first by default, sent as a system message.
+    system = {"role": "system", "content": "You are a helpful assistant."}
+    asks = [[{"type": "image_url", "image_url": {"url": data_uri(image)}}, {"type": "text", "text": "What is this?"}],
+            "Describe a cat."]
+    for content, expected in zip(asks, offline):
+        reply = client.chat.completions.create(model=SERVED_MODEL, messages=[system, {"role": "user", "content": content}],
+                                               max_tokens=8, temperature=0, extra_body={"return_token_ids": True})
+        choice = reply.choices[0]
+        assert list(choice.token_ids) == list(expected.token_ids)
+        assert choice.message.content == str(expected)
+
+    # /v1/completions takes the same prompt as text (BOS included).
+    prompt = engine.build_understanding_prompt(UnderstandingItem("Describe a cat."))
+    reply = client.completions.create(model=SERVED_MODEL, prompt=prompt, max_tokens=8, temperature=0,
+                                      extra_body={"return_token_ids": True})
+    assert list(reply.choices[0].token_ids) == list(offline[1].token_ids)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Text to image
+
+
+# (request fields, offline overrides, offline call settings); each request is one client.
+IMAGE_REQUESTS = (
+    [({"prompt": f"an emu on a hill, take {i}", "size": "32x32", "seed": 100 + 10 * i},
+      {"height": 32, "width": 32}, {}) for i in range(12)]
+    + [({"prompt": "two emus", "size": "24x40", "n": 2, "seed": 500, "guidance_scale": 2.0},
+        {"height": 40, "width": 24, "cfg_scale": 2.0}, {}),
+       ({"prompt": "a tall emu", "size": "16x32", "n": 3, "seed": 600, "negative_prompt": "blurry"},
+        {"height": 32, "width": 16, "negative_prompt": "blurry"}, {}),
+       ({"prompt": "a greedy emu", "size": "32x32", "seed": 7, "temperature": 0, "cfg_scale": 4.5},
+        {"height": 32, "width": 32, "cfg_scale": 4.5}, {"temperature": 0.0}),
+       ({"prompt": "a top-k emu", "size": "16x16", "seed": 8, "top_k": 16},
+        {"height": 16, "width": 16}, {"top_k": 16})]
+)
+
+
+def test_images_equal_offline_generation_with_16_concurrent_clients(emu3_server, engine_factory):
+    assert len(IMAGE_REQUESTS) == 16
+
+    def ask(request):
+        fields, _, _ = request
+        extra = {k: v for k, v in fields.items() if k not in ("prompt", "size", "n")}
+        return emu3_server.client(timeout=600).images.generate(
+            model=SERVED_MODEL, prompt=fields["prompt"], size=fields["size"], n=fields.get("n", 1),
+            response_format="b64_json", extra_body=extra)
+
+    before = emu3_server.counters()
+    with ThreadPoolExecutor(len(IMAGE_REQUESTS)) as pool:
+        replies = list(pool.map(ask, IMAGE_REQUESTS))
+    after = emu3_server.counters()
+
+    engine = engine_factory("a")
+    compared = 0
+    for (fields, overrides, settings), reply in zip(IMAGE_REQUESTS, replies):
+        n = fields.get("n", 1)
+        assert [item.seed for item in reply.data] == [fields["seed"] + i for i in range(n)]
+        assert reply.size == fields["size"]
+        prompts = [{"prompt": fields["prompt"], "seed": fields["seed"] + i, **overrides} for i in range(n)]
+        for item, expected in zip(reply.data, engine.generate_images(prompts, use_tqdm=False, **settings)):
+            assert expected.error is None, expected.error
+            assert np.array_equal(pixels(item.b64_json), np.asarray(expected.image)), (fields, item.seed)
+            compared += 1
+    assert compared == 19
+    # The 38 requests are more than the server's 16 sequences, so some waited their turn; and vLLM batched them:
+    # without batching a step would generate 2 tokens (one pair), on average.
+    per_step = (after["generated"] - before["generated"]) / (after["steps"] - before["steps"])
+    print(f"{per_step:.1f} tokens generated per engine step")
+    assert per_step >= 4
+
+
+BAD_REQUESTS = [
+    ({"size": "32x32"}, "prompt"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "   "}, "prompt"),
+    ({"prompt": 5}, "prompt"),
+    ({"prompt": ["an emu"]}, "prompt"),
+    ({"prompt": "x", "size": "big"}, "size"),
+    ({"prompt": "x", "size": "32"}, "size"),
+    ({"prompt": "x", "size": 32}, "size"),
+    ({"prompt": "x", "size": "0x32"}, "size"),
+    ({"prompt": "x", "size": "32x0"}, "size"),
+    ({"prompt": "x", "size": "-32x32"}, "size"),
+    ({"prompt": "x", "size": "400x400"}, "size"),  # beyond max_model_len 2048
+    ({"prompt": "x", "size": "320x320", "negative_prompt": ""}, "size"),  # fits the context, not the KV cache
+    ({"prompt": "x", "n": 0}, "n"),
+    ({"prompt": "x", "n": -1}, "n"),
+    ({"prompt": "x", "n": 11}, "n"),
+    ({"prompt": "x", "n": 1.5}, "n"),
+    ({"prompt": "x", "guidance_scale": 0}, "guidance_scale"),
+    ({"prompt": "x", "guidance_scale": -2}, "guidance_scale"),
+    ({"prompt": "x", "guidance_scale": "NaN"}, "guidance_scale"),
+    ({"prompt": "x", "cfg_scale": 0}, "cfg_scale"),
+    ({"prompt": "x", "guidance_scale": 3, "cfg_scale": 4}, "cfg_scale"),
+    ({"prompt": "x", "response_format": "url"}, "response_format"),
+    ({"prompt": "x", "response_format": "webp"}, "response_format"),
+    ({"prompt": "x", "seed": "abc"}, "seed"),
+    ({"prompt": "x", "top_k": 2.5}, "top_k"),
+    ({"prompt": "x", "temperature": -1}, "temperature"),
+    ({"prompt": "x", "negative_prompt": 3}, "negative_prompt"),
+]
+
+
+def test_bad_requests_get_400_naming_the_field_and_the_server_stays_healthy(emu3_server):
+    url = emu3_server.url + "/v1/images/generations"
+    with httpx.Client(timeout=60) as http:
+        for body, field in BAD_REQUESTS:
+            reply = http.post(url, json={"model": SERVED_MODEL, **body})
+            assert reply.status_code == 400, (body, reply.text)
+            error = reply.json()["error"]
+            assert error["param"] == field and error["code"] == 400 and error["message"], (body, error)
+        raw = [b'{"prompt": "an emu", "size": ', b'{"prompt": "x", "guidance_scale": NaN}', b'[1, 2]', b'"an emu"']
+        for content in raw:
+            reply = http.post(url, content=content, headers={"content-type": "application/json"})
+            assert reply.status_code == 400, (content, reply.text)
+            assert reply.json()["error"]["message"], content
+        assert http.post(url, content=raw[1], headers={"content-type": "application/json"}).json()["error"][
+            "param"] == "guidance_scale"
+        reply = http.post(url, json={"prompt": "x", "model": "another-model"})
+        assert reply.status_code == 404 and reply.json()["error"]["param"] == "model"
+        assert http.get(emu3_server.url + "/health").status_code == 200
+    good = emu3_server.client(timeout=300).images.generate(model=SERVED_MODEL, prompt="an emu", size="16x16",
+                                                            extra_body={"seed": 1})
+    assert good.data[0].b64_json and pixels(good.data[0].b64_json).shape == (16, 16, 3)
+
+
+def test_a_client_that_goes_away_mid_image_leaves_nothing_running(emu3_server):
+    import openai
+
+    wait_idle(emu3_server, 60)
+    client = emu3_server.client(timeout=3.0)
+    with GaugeWatch(emu3_server) as watch:
+        with pytest.raises(openai.APITimeoutError):
+            client.images.generate(model=SERVED_MODEL, prompt="a very large emu", size="160x160", n=2,
+                                   extra_body={"seed": 3})
+    assert watch.most["running"] >= 2, watch.most  # the pairs were in the engine when the client left
+    print(f"nothing running or waiting {wait_idle(emu3_server, 10):.2f} s after the client left")
+    # Both halves went: a stranded half would hold the pair scheduler, and the next image would never start.
+    reply = emu3_server.client(timeout=300).images.generate(model=SERVED_MODEL, prompt="an emu", size="16x16",
+                                                             extra_body={"seed": 2})
+    assert reply.data[0].b64_json
+
+
+# --------------------------------------------------------------------------------------------------------------
+# lmms-eval's own OpenAI model, pointed at the server
+
+
+def test_lmms_eval_openai_model_through_the_server(emu3_server, engine_factory, tmp_path, monkeypatch):
+    from test_lmms_eval import TASK, UTILS, _response, run_lmms_eval
+
+    root = tmp_path / "tasks"
+    root.mkdir()
+    images = []
+    for i, (h, w) in enumerate([(48, 48), (40, 72)]):
+        images.append(str(root / f"img{i}.png"))
+        random_image(h, w, seed=40 + i).save(images[-1])
+    docs = [{"question": "What is in the picture?", "images": [images[0]], "answer": "a cat"},
+            {"question": "Compare the two pictures.", "images": images, "answer": "same"},
+            {"question": "Say hello.", "images": [], "answer": "hello"}]
+    (root / "utils.py").write_text(UTILS)
+    (root / "emu3_api_und.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (root / "emu3_api_und.yaml").write_text(TASK.format(
+        name="emu3_api_und", data=root / "emu3_api_und.jsonl", output_type="generate_until", visual="doc_to_visual",
+        text="doc_to_text", metric="exact_match", gen_kwargs="  max_new_tokens: 8\n  do_sample: false\n  temperature: 0"))
+
+    monkeypatch.setenv("OPENAI_API_KEY", "EMPTY")
+    args = f"model={SERVED_MODEL},base_url={emu3_server.url}/v1,num_concurrent=2,max_retries=1"
+    proc, results, samples = run_lmms_eval("openai", args, "emu3_api_und", {"root": root}, tmp_path)
+    assert results is not None, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "exact_match,none" in results["results"]["emu3_api_und"]
+    answers = {s["doc_id"]: _response(s) for s in samples}
+    assert sorted(answers) == [0, 1, 2]
+    assert not any("LMMS_EVAL_REQUEST_FAILED" in a for a in answers.values()), answers
+
+    from PIL import Image
+
+    # lmms-eval sends one user turn, images first, and no system message.
+    offline = engine_factory("a").understand(
+        [(d["question"], [Image.open(p).convert("RGB") for p in d["images"]]) for d in docs],
+        max_new_tokens=8, system_prompt="", use_tqdm=False)
+    assert [answers[i].strip() for i in range(3)] == [str(a).strip() for a in offline]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Two data-parallel engines behind one API server
+
+
+def test_pairs_stay_whole_across_two_data_parallel_engines(checkpoints, engine_factory, tmp_path):
+    # One API server (vLLM would start one per engine and then hide the per-engine gauges).
+    server = Server([checkpoints["a"], "--served-model-name", SERVED_MODEL, *SERVER_FLAGS,
+                     "--data-parallel-size", "2", "--api-server-count", "1"], tmp_path / "server_dp2.log")
+    try:
+        per_engine: dict[str, float] = {}
+        stop = threading.Event()
+
+        def watch():
+            while not stop.is_set():
+                for line in httpx.get(server.url + "/metrics", timeout=10).text.splitlines():
+                    if line.startswith("vllm:num_requests_running{"):
+                        engine = line.split('engine="', 1)[1].split('"', 1)[0]
+                        per_engine[engine] = max(per_engine.get(engine, 0.0), float(line.rsplit(" ", 1)[1]))
+                stop.wait(0.05)
+
+        def ask(i):
+            return server.client(timeout=600).images.generate(
+                model=SERVED_MODEL, prompt=f"an emu on engine {i % 2}, take {i}", size="48x48", n=2,
+                extra_body={"seed": 1000 + 10 * i})
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        with ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(ask, range(8)))
+        stop.set()
+        watcher.join()
+        print(f"DP=2 server up in {server.start_seconds:.0f} s; most running per engine: {per_engine}")
+        # Both engines took pairs; a pair split across them would never start (each half waits for its twin there).
+        assert set(per_engine) == {"0", "1"} and min(per_engine.values()) >= 2, per_engine
+        engine = engine_factory("a")
+        for i, reply in enumerate(replies):
+            expected = engine.generate_images([f"an emu on engine {i % 2}, take {i}"] * 2, height=48, width=48,
+                                              seed=1000 + 10 * i, use_tqdm=False)
+            for item, image in zip(reply.data, expected):
+                assert np.array_equal(pixels(item.b64_json), np.asarray(image.image))
+        wait_idle(server, 10)
+    finally:
+        server.stop()
