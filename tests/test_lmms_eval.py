@@ -221,7 +221,7 @@ def test_data_parallel_torchrun_visual_cot_draws_and_answers_as_one_engine(check
     """Visual CoT on two ranks (data_parallel_size follows from the 2 processes): rank 0 has one drawable doc and
     the corrupt image, rank 1 two docs, so rank 0's engines idle in lockstep while rank 1 still draws and answers.
     Every stage-1 image is the one a single engine draws with the same seed (`seed` + doc id), and every answer
-    the one a single engine gives."""
+    the one a single engine gives with that image."""
     import numpy as np
     from PIL import Image
 
@@ -245,8 +245,12 @@ def test_data_parallel_torchrun_visual_cot_draws_and_answers_as_one_engine(check
     for doc_id, doc, expected in zip((0, 1, 3), docs, drawn):
         meta = json.loads((inter / "emu3_tiny_vcot_dp" / f"{doc_id}_metadata.json").read_text())
         with Image.open(meta["generated_images"][0]) as image:
-            assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(expected.image)), doc_id
-        questions.append((doc["question"], [Image.open(doc["images"][0]).convert("RGB"), expected.image]))
+            # The same codes decode to the same pixels up to the VQ decoder's float rounding, which moves a rare
+            # pixel by one level with the decode batch and thread count (each rank decodes its own batch).
+            diff = np.abs(np.asarray(image.convert("RGB")).astype(int) - np.asarray(expected.image).astype(int))
+            assert diff.max() <= 1, (doc_id, int(diff.max()))
+            drawn_there = image.convert("RGB")
+        questions.append((doc["question"], [Image.open(doc["images"][0]).convert("RGB"), drawn_there]))
         assert meta["stage2_answer"].strip() == by_doc[doc_id].strip()
     answers = engine_factory("a").understand(questions, max_new_tokens=8, use_tqdm=False)
     assert [by_doc[i].strip() for i in (0, 1, 3)] == [str(a).strip() for a in answers]
