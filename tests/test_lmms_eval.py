@@ -188,6 +188,26 @@ def test_visual_cot_runs_both_stages_and_saves_intermediates(checkpoints, tasks_
         assert meta["stage2_answer"].strip() == _response(next(s for s in samples if s["doc_id"] == doc_id))
 
 
+def test_launch_sizes_are_checked_against_the_torchrun_world(monkeypatch):
+    from emu3_vllm.lmms.torchrun import Launch
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert Launch.from_env(2, None).engine_kwargs() == {"tensor_parallel_size": 2}  # one process, its own ranks
+    with pytest.raises(ValueError, match="data_parallel_size=2 needs one process per rank: launch with torchrun "
+                                         "--nproc_per_node=4"):
+        Launch.from_env(2, 2)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    launch = Launch.from_env(2, None)  # data_parallel_size follows from the world
+    assert (launch.rank, launch.data_parallel_size) == (3, 2)
+    assert launch.engine_kwargs() == {"tensor_parallel_size": 2, "distributed_executor_backend": "external_launcher",
+                                      "data_parallel_size": 2}
+    with pytest.raises(ValueError, match=r"tensor_parallel_size \* data_parallel_size = 1 \* 2 = 2"):
+        Launch.from_env(1, 2)
+    with pytest.raises(ValueError, match="which tensor_parallel_size=3 does not divide"):
+        Launch.from_env(3, None)
+
+
 # torchrun as users start it (`torchrun --nproc_per_node=2 -m lmms_eval ...`), on a free port.
 TORCHRUN_2 = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
 

@@ -32,11 +32,14 @@ class Launch:
 
     @classmethod
     def from_env(cls, tensor_parallel_size: int, data_parallel_size: int | None) -> "Launch":
-        """Check the model_args against the launch; `data_parallel_size` defaults to WORLD_SIZE / TP."""
+        """Check the model_args against the launch; `data_parallel_size` defaults to WORLD_SIZE / TP under torchrun
+        (a single process runs one engine, over `tensor_parallel_size` devices of its own)."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         tp = tensor_parallel_size
-        if data_parallel_size is None:
+        if data_parallel_size is None and world == 1:
+            data_parallel_size = 1
+        elif data_parallel_size is None:
             if world % tp:
                 raise ValueError(f"emu3_vllm: torchrun started {world} processes, which tensor_parallel_size={tp} "
                                  "does not divide; start TP * DP processes")
