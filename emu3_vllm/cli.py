@@ -414,8 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     source.add_argument("--prompts", metavar="FILE",
-                        help='a text file (one prompt a line), .jsonl ({"prompt": ..., "seed": ...} a line) or .parquet '
-                             '(a prompt column, optional seed, height, width, cfg_scale, negative_prompt columns)')
+                        help='a text file (one prompt a line), .jsonl ({"prompt": ..., "seed": ...} a line) or '
+                             '.parquet (a prompt column, optional seed, height, width, cfg_scale, negative_prompt)')
     p.add_argument("--out", required=True, help="output folder; a re-run skips the images already there")
     p.add_argument("--height", type=_positive_int, default=720)
     p.add_argument("--width", type=_positive_int, default=720)
