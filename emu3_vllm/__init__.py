@@ -5,7 +5,7 @@ Light at import: vLLM and torch load only when the engine or a checkpoint builde
 
 from .checkpoints import make_random_checkpoint
 
-__all__ = ["Emu3", "make_random_checkpoint"]
+__all__ = ["Emu3", "generate_on_ray", "make_random_checkpoint"]
 __version__ = "0.1.0"
 
 
@@ -14,4 +14,8 @@ def __getattr__(name: str):
         from .api import Emu3
 
         return Emu3
+    if name == "generate_on_ray":  # needs Ray (the `ray` extra) only when called
+        from .ray_generation import generate_on_ray
+
+        return generate_on_ray
     raise AttributeError(name)

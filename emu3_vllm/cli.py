@@ -94,6 +94,10 @@ def _results_stream():
 def _engine(args):
     from .api import Emu3
 
+    return Emu3(args.model, seed=args.seed, **_engine_kwargs(args))
+
+
+def _engine_kwargs(args) -> dict:
     kwargs = dict(args.engine_arg or [])
     kwargs["dtype"] = args.dtype
     for name in ("max_model_len", "tensor_parallel_size", "gpu_memory_utilization", "max_num_seqs"):
@@ -102,7 +106,7 @@ def _engine(args):
             kwargs[name] = value
     if args.enforce_eager:
         kwargs["enforce_eager"] = True
-    return Emu3(args.model, seed=args.seed, **kwargs)
+    return kwargs
 
 
 def _check_model(args) -> None:
@@ -204,6 +208,8 @@ def cmd_generate(args) -> int:
     defaults = GenerationDefaults(height=args.height, width=args.width, cfg_scale=args.cfg_scale,
                                   negative_prompt=args.negative_prompt if args.negative_prompt is not None
                                   else NEGATIVE_PROMPT, top_k=args.top_k, temperature=args.temperature)
+    if _shard_output(args):
+        return _generate_shards(args, prompts, defaults)
     try:
         job = FolderJob(args.out, args.model, prompts, defaults.checked(), args.seed,
                         regenerate_changed=args.regenerate_changed)
@@ -237,6 +243,79 @@ def cmd_generate(args) -> int:
         out.write(json.dumps(job.stats) + "\n")
     if code == EXIT_OK and job.stats["failed"]:
         print(f"{job.stats['failed']} of {len(prompts)} images failed (their manifest lines say why)",
+              file=sys.stderr)
+        code = EXIT_SOME_FAILED
+    return code
+
+
+def _shard_output(args) -> bool:
+    """Whether this run writes webdataset shards: asked for, or implied by the options that need them."""
+    scale_out = [flag for flag, given in (("--replicas", args.replicas is not None),
+                                          ("--ray-address", args.ray_address is not None),
+                                          ("--num-shards", args.num_shards is not None),
+                                          ("--shard-index", args.shard_index is not None)) if given]
+    if args.format == "folder" and scale_out:
+        raise UsageError(f"{scale_out[0]} writes webdataset shards; use --format webdataset")
+    if (args.num_shards is None) != (args.shard_index is None):
+        raise UsageError("give --num-shards and --shard-index together")
+    return args.format == "webdataset" or bool(scale_out)
+
+
+def _generate_shards(args, prompts: list, defaults) -> int:
+    """`generate` into webdataset shards: in this process, or on a Ray cluster with --replicas."""
+    import importlib.util
+
+    from .image_folder import OutputError
+    from .shards import ShardJob
+
+    on_ray = args.replicas is not None or args.ray_address is not None
+    if on_ray and importlib.util.find_spec("ray") is None:
+        raise UsageError("--replicas runs on Ray, which is not installed: pip install 'emu3-vllm[ray]'")
+    try:
+        job = ShardJob(args.out, args.model, prompts, defaults.checked(), args.seed, shard_size=args.shard_size,
+                       regenerate_changed=args.regenerate_changed, num_shards=args.num_shards or 1,
+                       shard_index=args.shard_index or 0)
+    except (OutputError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    plan = job.plan
+    if plan.changed:
+        print(f"redoing {plan.describe_changed()}", file=sys.stderr)
+    if plan.corrupt:
+        print(f"redoing {len(plan.corrupt)} shard(s) whose files no longer match their stats: "
+              f"{', '.join(f'{s:05d}' for s in plan.corrupt[:8])}", file=sys.stderr)
+
+    def report(index: int, result) -> None:
+        if result.error:
+            print(result.error, file=sys.stderr)
+
+    code = EXIT_OK
+    with _results_stream() as out:
+        try:
+            if on_ray:
+                from .ray_generation import run_on_ray
+
+                run_on_ray(job, args.model, replicas=args.replicas or 1, ray_address=args.ray_address,
+                           tensor_parallel_size=args.tensor_parallel_size or 1,
+                           cpus_per_replica=args.cpus_per_replica, engine_kwargs=_engine_kwargs(args),
+                           engine_seed=args.seed, max_in_flight=args.max_in_flight, progress=not args.no_progress)
+            elif job.needs_engine:
+                engine = _engine(args)
+                try:
+                    job.run(engine, max_in_flight=args.max_in_flight, progress=not args.no_progress,
+                            on_result=report)
+                finally:
+                    engine.close()
+            else:
+                job.run(None, progress=not args.no_progress, on_result=report)
+        except KeyboardInterrupt:
+            print("interrupted: the shards in progress were dropped; every finished shard is in the folder, and a "
+                  "re-run continues from there", file=sys.stderr)
+            code = EXIT_INTERRUPTED
+        except ConnectionError as exc:  # no Ray cluster there: nothing has started
+            raise UsageError(str(exc).splitlines()[0]) from None
+        out.write(json.dumps(job.stats) + "\n")
+    if code == EXIT_OK and job.stats["failed"]:
+        print(f"{job.stats['failed']} of {job.stats['images']} images failed (their manifest rows say why)",
               file=sys.stderr)
         code = EXIT_SOME_FAILED
     return code
@@ -337,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     source.add_argument("--prompts", metavar="FILE",
-                        help='a text file (one prompt a line) or .jsonl ({"prompt": ..., "seed": ...} a line)')
+                        help='a text file (one prompt a line), .jsonl ({"prompt": ..., "seed": ...} a line) or '
+                             '.parquet (a prompt column, optional seed, height, width, cfg_scale, negative_prompt)')
     p.add_argument("--out", required=True, help="output folder; a re-run skips the images already there")
     p.add_argument("--height", type=_positive_int, default=720)
     p.add_argument("--width", type=_positive_int, default=720)
@@ -349,6 +429,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--regenerate-changed", action="store_true",
                    help="replace images in --out that were made with other settings (else: refuse)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    scale = p.add_argument_group("large jobs (webdataset shards; see the README's \"Scaling out\")")
+    scale.add_argument("--format", choices=["folder", "webdataset"], default=None,
+                       help="folder: PNGs + manifest.jsonl (default); webdataset: {shard:05d}.tar + .parquet + "
+                            "_stats.json per shard (default with the options below)")
+    scale.add_argument("--shard-size", dest="shard_size", type=_positive_int, default=1000,
+                       help="images per shard, the unit of work and of resume (default 1000)")
+    scale.add_argument("--replicas", type=_positive_int, help="data-parallel engines on a Ray cluster")
+    scale.add_argument("--ray-address", dest="ray_address",
+                       help="Ray cluster to join (default: RAY_ADDRESS, else a local cluster)")
+    scale.add_argument("--cpus-per-replica", dest="cpus_per_replica", type=_positive_float,
+                       help="Ray CPUs each replica reserves (default: 1 with GPUs; a share of a CPU without)")
+    scale.add_argument("--num-shards", dest="num_shards", type=_positive_int,
+                       help="with --shard-index: this process makes only the shards s with s %% S == i")
+    scale.add_argument("--shard-index", dest="shard_index", type=int, metavar="I")
     _add_engine_args(p)
     p.set_defaults(func=cmd_generate, temperature=1.0)
 

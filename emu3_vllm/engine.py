@@ -109,13 +109,54 @@ def start_llm(model: str, *, seed: int = 0, **engine_kwargs: Any):
     """A `vllm.LLM` set up for Emu3 (see `emu3_engine_kwargs`), and whether it runs Model Runner V2."""
     from vllm import LLM
 
+    binding_given = "VLLM_CPU_OMP_THREADS_BIND" in os.environ
     kwargs, v2 = emu3_engine_kwargs(engine_kwargs)
-    llm = LLM(model=model, seed=seed, **kwargs)
+    try:
+        llm = LLM(model=model, seed=seed, **kwargs)
+    finally:
+        # The binding chosen for this engine's ranks is read while the engine starts; left behind, it would be
+        # wrong for the next engine this process (or a child of it) starts with another tensor-parallel size:
+        # vLLM refuses a two-group binding for a one-rank engine.
+        if not binding_given:
+            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
     limits = EngineLimits.of(llm.llm_engine.vllm_config)
     if not limits.pair_scheduler:
         logger.warning("scheduler %s is not emu3_vllm's pair-aware scheduler: CFG pairs may fall out of lockstep "
                        "(such images fail with an error)", llm.llm_engine.vllm_config.scheduler_config.scheduler_cls)
     return llm, v2
+
+
+class DataParallelLockstep:
+    """Stepping an engine that is one data-parallel rank of several under vLLM's `external_launcher` (torchrun).
+
+    There every engine step is a collective across the data-parallel ranks, so each rank must take the same number
+    of steps: a rank with nothing to do runs vLLM's dummy batch while another still has work, and all ranks agree
+    (one all-reduce per step, as `LLM.generate` does) on when everyone is done.
+    """
+
+    def __init__(self, engine, group):
+        self.engine = engine
+        self.group = group
+
+    @classmethod
+    def of(cls, llm) -> "DataParallelLockstep | None":
+        engine = llm.llm_engine
+        if getattr(engine, "external_launcher_dp", False) and getattr(engine, "dp_group", None) is not None:
+            return cls(engine, engine.dp_group)
+        return None
+
+    def any_rank_busy(self, busy: bool) -> bool:
+        """Whether any rank (this one included) still has work; every rank must call this at the same point."""
+        from vllm.config import ParallelConfig
+
+        return ParallelConfig.has_unfinished_dp(self.group, busy)
+
+    def step(self, has_requests: bool) -> list:
+        """One step in step with the other ranks: a real one when this engine holds requests, else a dummy batch."""
+        if has_requests:
+            return self.engine.step()
+        self.engine.engine_core.execute_dummy_batch()
+        return []
 
 
 def abort(engine, request_ids: list[str]) -> None:

@@ -1,10 +1,16 @@
-"""Prompt files as the CLI reads them: one item per non-blank line, checked before any engine starts.
+"""Prompt files as the CLI reads them: one item per non-blank line (or parquet row), checked before any engine starts.
 
 `.jsonl` lines are JSON values (a prompt string, or an object such as `{"prompt": ..., "seed": ...}` or
-`{"text": ..., "images": [...]}`); any other file holds one plain-text prompt per line. A file that cannot be read
-as such (missing, not UTF-8, a line that is not JSON) raises `PromptFileError` naming the file and line: which
-index a broken line would have had is unknowable, so nothing runs. What a well-formed line says is checked per
-item later, where a bad value fails that item alone.
+`{"text": ..., "images": [...]}`); `.parquet` files have a `prompt` column and optionally the per-prompt override
+columns (`seed`, `height`, `width`, `cfg_scale`, `negative_prompt`), one item per row; any other file holds one
+plain-text prompt per line. A file that cannot be read as such (missing, not UTF-8, a line that is not JSON, a
+parquet file without a `prompt` column or with columns nothing reads) raises `PromptFileError` naming the file
+(and line): which index a broken line would have had is unknowable, so nothing runs. What a well-formed line or
+row says is checked per item later, where a bad value fails that item alone.
+
+A parquet column cannot be absent for one row, so a null in an optional column means "not given": that row gets
+the run's setting (`--height`, `--cfg-scale`, ..., and for `seed` the run's `--seed` + index), exactly as a JSON
+line without the key does. A null prompt is that item's error.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ def read_prompt_file(path: str | Path) -> list[Any]:
         raise PromptFileError(f"{path}: no such prompts file")
     if not path.is_file():
         raise PromptFileError(f"{path}: not a file")
+    if path.suffix.lower() == ".parquet":
+        return read_parquet_prompts(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -48,3 +56,25 @@ def read_prompt_file(path: str | Path) -> list[Any]:
         except json.JSONDecodeError as exc:
             raise PromptFileError(f"{path}:{number}: not a JSON value ({exc.msg} at column {exc.colno})") from exc
     return items
+
+
+def read_parquet_prompts(path: Path) -> list[dict]:
+    """One item per row of a parquet file: `{"prompt": ..., <override>: ...}`, nulls in override columns left out."""
+    from .inputs import OVERRIDES
+
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise PromptFileError(f"{path}: reading parquet prompts needs pyarrow (pip install pyarrow)") from None
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for a file that is not parquet
+        raise PromptFileError(f"{path}: not a readable parquet file ({exc})") from exc
+    columns = list(table.column_names)
+    if "prompt" not in columns:
+        raise PromptFileError(f"{path}: no 'prompt' column (columns: {columns})")
+    unknown = [name for name in columns if name not in ("prompt", *OVERRIDES)]
+    if unknown:
+        raise PromptFileError(f"{path}: unknown columns {unknown}; allowed: {['prompt', *OVERRIDES]}")
+    return [{key: value for key, value in row.items() if key == "prompt" or value is not None}
+            for row in table.to_pylist()]

@@ -6,7 +6,8 @@ itself, and yields `(index, GeneratedImage)` as soon as an image is done; finish
 batches on a background thread while the engine keeps stepping (no more than two batches wait for it: beyond
 that, decode is the bottleneck and new prompts wait). Bad items come back as errors naming their index
 and never reach the engine. Whatever ends the stream early (the consumer stops iterating, an exception, Ctrl-C)
-aborts every request this stream still has in the engine, so the engine is left as it was.
+aborts every request this stream still has in the engine, so the engine is left as it was. An engine that is one
+data-parallel rank under vLLM's external launcher steps in lockstep with the other ranks (`DataParallelLockstep`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .engine import EngineLimits, abort
+from .engine import DataParallelLockstep, EngineLimits, abort
 from .inputs import ItemError
 from .layout import ImageTokenIds
 from .protocol import COND, UNCOND, ImageSpec, PairError, PromptTokens, pair_codes, pair_prompts, pair_sampling_params
@@ -85,6 +86,7 @@ class ImageStream:
         ready: deque[tuple[int, GeneratedImage]] = deque()
         worker = DecodeWorker(self.decoder.decode, self.decode_batch) if self.decoder is not None else None
         engine = self.llm.llm_engine
+        lockstep = DataParallelLockstep.of(self.llm)
         try:
             while True:
                 # Top up the engine; a decode backlog holds new work back, since decode is then the bottleneck.
@@ -101,15 +103,32 @@ class ImageStream:
                     index, result = ready.popleft()
                     self._count(result)
                     yield index, result
-                if in_flight:
+                outputs = ()
+                if lockstep is not None:
+                    if not in_flight and not exhausted and worker is not None and worker.pending:
+                        ready.extend(worker.done(wait=True))  # local work first; the other ranks wait for this one
+                        continue
+                    if not lockstep.any_rank_busy(bool(in_flight) or not exhausted):
+                        break  # every rank is done with the engine; only local decoding is left
+                    self.stats.engine_steps += bool(in_flight)
+                    outputs = lockstep.step(has_requests=bool(in_flight))
+                elif in_flight:
                     self.stats.engine_steps += 1
-                    for output in engine.step():
-                        if output.finished:
-                            self._finish(output, in_flight, by_request, ready, worker)
+                    outputs = engine.step()
                 elif worker is not None and worker.pending:
                     ready.extend(worker.done(wait=True))
+                    continue
                 elif exhausted:
                     return
+                for output in outputs:
+                    if output.finished:
+                        self._finish(output, in_flight, by_request, ready, worker)
+            while worker is not None and worker.pending:
+                ready.extend(worker.done(wait=True))
+            while ready:
+                index, result = ready.popleft()
+                self._count(result)
+                yield index, result
         finally:
             if in_flight:
                 abort(engine, [rid for pair in in_flight.values() for rid in pair.request_ids])

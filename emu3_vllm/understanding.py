@@ -9,7 +9,7 @@ from typing import Any
 from .inputs import ItemError, UnderstandingItem, load_image, understanding_item
 from .prompts import DEFAULT_SYSTEM_PROMPT, understanding_prompt
 from .results import Answer
-from .engine import abort
+from .engine import DataParallelLockstep, abort
 
 logger = logging.getLogger("emu3_vllm")
 
@@ -52,7 +52,9 @@ def answer_items(llm, items: Sequence[Any], params, *, processor, system_prompt:
             except ItemError as exc:
                 logger.warning("%s", exc)
                 answers[i] = Answer(error=str(exc))
-        outputs = llm.wait_for_completion(use_tqdm=use_tqdm) if enqueued else []
+        # A data-parallel rank under vLLM's external launcher steps with the other ranks even with nothing to do.
+        lockstep = DataParallelLockstep.of(llm) is not None
+        outputs = llm.wait_for_completion(use_tqdm=use_tqdm) if enqueued or lockstep else []
     except BaseException:
         abort(llm.llm_engine, request_ids)
         raise

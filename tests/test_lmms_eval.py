@@ -89,6 +89,8 @@ def tasks_dir(tmp_path_factory):
     gen = [{"question": "a red emu", "images": [], "answer": ""}, {"question": "a cat", "images": [], "answer": ""}]
     vcot = [{"question": "How many corners?", "draw": "a square", "images": [images[0]], "answer": "4"},
             {"question": "Which is taller?", "draw": "two towers", "images": [images[2]], "answer": "left"}]
+    vcot_dp = [*vcot, {"question": "Is this broken?", "draw": "a crack", "images": [str(corrupt)], "answer": "no"},
+               {"question": "What colour?", "draw": "a red ball", "images": [images[1]], "answer": "red"}]
     (root / "utils.py").write_text(UTILS)
     specs = {
         "emu3_tiny_und": (und, "generate_until", "doc_to_visual", "doc_to_text", "exact_match",
@@ -97,22 +99,25 @@ def tasks_dir(tmp_path_factory):
                           "  max_new_tokens: 8"),
         "emu3_tiny_vcot": (vcot, "generate_visual_cot", "doc_to_visual", "vcot_text", "exact_match",
                            "  visual_cot: true\n  max_new_tokens: 8\n  do_sample: false\n  temperature: 0"),
+        "emu3_tiny_vcot_dp": (vcot_dp, "generate_visual_cot", "doc_to_visual", "vcot_text", "exact_match",
+                              "  visual_cot: true\n  max_new_tokens: 8\n  do_sample: false\n  temperature: 0"),
     }
     for name, (rows, output_type, visual, text, metric, gen_kwargs) in specs.items():
         data = root / f"{name}.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
         (root / f"{name}.yaml").write_text(TASK.format(name=name, data=data, output_type=output_type, visual=visual,
                                                        text=text, metric=metric, gen_kwargs=gen_kwargs))
-    return {"root": root, "und": und, "images": images}
+    return {"root": root, "und": und, "images": images, "vcot_dp": vcot_dp}
 
 
 ENGINE_ARGS = "dtype=float32,max_model_len=1024,enforce_eager=true"
 
 
-def run_lmms_eval(model: str, model_args: str, task: str, tasks_dir, out: Path, *extra: str):
+def run_lmms_eval(model: str, model_args: str, task: str, tasks_dir, out: Path, *extra: str,
+                  launcher: tuple[str, ...] = ()):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
            "HF_DATASETS_CACHE": str(out / "hf_cache"), "VLLM_CPU_KVCACHE_SPACE": "1"}
-    cmd = [sys.executable, "-m", "lmms_eval", "--model", model, "--model_args", model_args, "--tasks", task,
+    cmd = [sys.executable, *launcher, "-m", "lmms_eval", "--model", model, "--model_args", model_args, "--tasks", task,
            "--include_path", str(tasks_dir["root"]), "--batch_size", "4", "--output_path", str(out / "results"),
            "--log_samples", *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
@@ -181,3 +186,91 @@ def test_visual_cot_runs_both_stages_and_saves_intermediates(checkpoints, tasks_
         assert meta["generation_prompt"] == ["a square", "two towers"][doc_id]
         assert meta["question"] == ["How many corners?", "Which is taller?"][doc_id]
         assert meta["stage2_answer"].strip() == _response(next(s for s in samples if s["doc_id"] == doc_id))
+
+
+def test_launch_sizes_are_checked_against_the_torchrun_world(monkeypatch):
+    from emu3_vllm.lmms.torchrun import Launch
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert Launch.from_env(2, None).engine_kwargs() == {"tensor_parallel_size": 2}  # one process, its own ranks
+    with pytest.raises(ValueError, match="data_parallel_size=2 needs one process per rank: launch with torchrun "
+                                         "--nproc_per_node=4"):
+        Launch.from_env(2, 2)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    launch = Launch.from_env(2, None)  # data_parallel_size follows from the world
+    assert (launch.rank, launch.data_parallel_size) == (3, 2)
+    assert launch.engine_kwargs() == {"tensor_parallel_size": 2, "distributed_executor_backend": "external_launcher",
+                                      "data_parallel_size": 2}
+    with pytest.raises(ValueError, match=r"tensor_parallel_size \* data_parallel_size = 1 \* 2 = 2"):
+        Launch.from_env(1, 2)
+    with pytest.raises(ValueError, match="which tensor_parallel_size=3 does not divide"):
+        Launch.from_env(3, None)
+
+
+# torchrun as users start it (`torchrun --nproc_per_node=2 -m lmms_eval ...`), on a free port.
+TORCHRUN_2 = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+
+
+def test_data_parallel_torchrun_understanding_matches_one_rank(checkpoints, engine_factory, tasks_dir, tmp_path):
+    """Two ranks on vLLM's external launcher: each answers its share (rank 0 has the corrupt image, rank 1 only good
+    docs), lmms-eval gathers, and the answers are the single-engine ones."""
+    args = (f"pretrained={checkpoints['a']},mode=understanding,max_new_tokens=8,{ENGINE_ARGS},fail_gracefully=true,"
+            "data_parallel_size=2")
+    proc, results, samples = run_lmms_eval("emu3_vllm", args, "emu3_tiny_und", tasks_dir, tmp_path,
+                                           launcher=TORCHRUN_2)
+    assert results is not None, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "exact_match,none" in results["results"]["emu3_tiny_und"]
+    log = proc.stdout + proc.stderr
+    assert "emu3_vllm: rank 0 of 2 takes 2 requests" in log and "emu3_vllm: rank 1 of 2 takes 2 requests" in log
+    by_doc = {s["doc_id"]: _response(s) for s in samples}
+    assert sorted(by_doc) == [0, 1, 2, 3]
+    assert by_doc[2] == ""  # the corrupt image: an empty answer on its rank, the run completed
+
+    from PIL import Image
+
+    und = tasks_dir["und"]
+    items = [(d["question"], [Image.open(p).convert("RGB") for p in d["images"]]) for i, d in enumerate(und) if i != 2]
+    offline = engine_factory("a").understand(items, max_new_tokens=8, use_tqdm=False)
+    assert [by_doc[i].strip() for i in (0, 1, 3)] == [str(a).strip() for a in offline]
+
+
+
+def test_data_parallel_torchrun_visual_cot_draws_and_answers_as_one_engine(checkpoints, engine_factory, tasks_dir,
+                                                                           tmp_path):
+    """Visual CoT on two ranks (data_parallel_size follows from the 2 processes): rank 0 has one drawable doc and
+    the corrupt image, rank 1 two docs, so rank 0's engines idle in lockstep while rank 1 still draws and answers.
+    Every stage-1 image is the one a single engine draws with the same seed (`seed` + doc id), and every answer
+    the one a single engine gives with that image."""
+    import numpy as np
+    from PIL import Image
+
+    inter = tmp_path / "intermediate"
+    args = (f"pretrained={checkpoints['a']},gen_pretrained={checkpoints['b']},stage1_image_height=32,"
+            f"stage1_image_width=32,stage1_cfg_scale=3.0,stage2_max_new_tokens=8,save_intermediate=true,"
+            f"intermediate_dir={inter},{ENGINE_ARGS},max_num_seqs=2")  # one image at a time: rank 1 draws longer
+    proc, results, samples = run_lmms_eval("emu3_vllm_visual_cot", args, "emu3_tiny_vcot_dp", tasks_dir, tmp_path,
+                                           launcher=TORCHRUN_2)
+    assert results is not None, proc.stdout[-3000:] + proc.stderr[-5000:]
+    log = proc.stdout + proc.stderr
+    assert "emu3_vllm: rank 0 of 2 takes 2 requests" in log and "emu3_vllm: rank 1 of 2 takes 2 requests" in log
+    assert "emu3_tiny_vcot_dp doc 2: cannot load its images" in log
+    by_doc = {s["doc_id"]: _response(s) for s in samples}
+    assert sorted(by_doc) == [0, 1, 2, 3] and by_doc[2] == ""
+
+    docs = [d for i, d in enumerate(tasks_dir["vcot_dp"]) if i != 2]
+    drawn = engine_factory("b").generate_images([d["draw"] for d in docs], height=32, width=32, cfg_scale=3.0,
+                                                seed=[0, 1, 3], use_tqdm=False)
+    questions = []
+    for doc_id, doc, expected in zip((0, 1, 3), docs, drawn):
+        meta = json.loads((inter / "emu3_tiny_vcot_dp" / f"{doc_id}_metadata.json").read_text())
+        with Image.open(meta["generated_images"][0]) as image:
+            # The same codes decode to the same pixels up to the VQ decoder's float rounding, which moves a rare
+            # pixel by one level with the decode batch and thread count (each rank decodes its own batch).
+            diff = np.abs(np.asarray(image.convert("RGB")).astype(int) - np.asarray(expected.image).astype(int))
+            assert diff.max() <= 1, (doc_id, int(diff.max()))
+            drawn_there = image.convert("RGB")
+        questions.append((doc["question"], [Image.open(doc["images"][0]).convert("RGB"), drawn_there]))
+        assert meta["stage2_answer"].strip() == by_doc[doc_id].strip()
+    answers = engine_factory("a").understand(questions, max_new_tokens=8, use_tqdm=False)
+    assert [by_doc[i].strip() for i in (0, 1, 3)] == [str(a).strip() for a in answers]

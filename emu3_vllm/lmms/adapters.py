@@ -1,13 +1,17 @@
 """lmms-eval models `emu3_vllm` and `emu3_vllm_visual_cot`: thin adapters over `emu3_vllm.Emu3`.
 
 They translate lmms-eval requests into batched `Emu3.understand` / `Emu3.generate_images` calls and the results
-back, accepting the model_args of the HF-based Emu3 integration (see the README's table).
+back, accepting the model_args of the HF-based Emu3 integration (see the README's table). Under torchrun they run
+one rank each, `tensor_parallel_size` x `data_parallel_size` ranks in all (see `torchrun`). A generated image's
+seed is `seed` + its doc id, so it does not depend on how the requests were split over ranks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from collections.abc import Container
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +21,7 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 
 from ..prompts import NEGATIVE_PROMPT
+from .torchrun import Launch
 
 # The HF integration's default template for the image to draw when a task gives no [GEN_PROMPT].
 GENERATION_PROMPT_TEMPLATE = "Generate a detailed visual diagram or illustration to help answer this question: {question}"
@@ -86,6 +91,16 @@ def _visuals(adapter: lmms, doc_to_visual, doc_id, task, split) -> list:
     return [v for v in flat if v is not None]
 
 
+def _doc_seed(doc) -> int:
+    """A doc's own number for seeding its image: its doc id (a stable hash of it, if it is not an integer)."""
+    import zlib
+
+    try:
+        return int(doc.doc_id)
+    except (TypeError, ValueError):
+        return zlib.crc32(str(doc.doc_id).encode("utf-8"))
+
+
 @dataclass
 class _Doc:
     """One request, its images loaded (or the reason they could not be)."""
@@ -137,6 +152,7 @@ class _Emu3Base(lmms):
         fail_gracefully: bool = True,
         device_map: str | None = None,
         tensor_parallel_size: int | None = None,
+        data_parallel_size: int | None = None,
         gpu_memory_utilization: float | None = None,
         max_num_seqs: int | None = None,
         max_model_len: int | None = None,
@@ -155,6 +171,13 @@ class _Emu3Base(lmms):
             kwargs.pop(key, None)  # lmms-eval's generic arguments; vLLM places the model itself
         self.engine_kwargs = _engine_kwargs(tensor_parallel_size, device_map, gpu_memory_utilization, max_num_seqs,
                                             dtype, max_model_len, enforce_eager, kwargs)
+        self.launch = Launch.from_env(
+            self.engine_kwargs["tensor_parallel_size"],
+            None if data_parallel_size is None else _as_number(data_parallel_size, "data_parallel_size", int))
+        self.engine_kwargs.update(self.launch.engine_kwargs())
+        if self.launch.distributed:
+            self._rank, self._world_size = self.launch.rank, self.launch.world_size
+            self.device = self.launch.device()
 
     def _engine(self, checkpoint: str):
         from ..api import Emu3
@@ -163,6 +186,9 @@ class _Emu3Base(lmms):
 
     def _docs(self, requests: list[Instance]) -> tuple[list[_Doc], list[_Doc]]:
         """All requests as docs, and those whose images loaded (the others are failed per fail_gracefully)."""
+        if self.launch.distributed:
+            eval_logger.info(f"emu3_vllm: rank {self.launch.rank} of {self.launch.world_size} takes "
+                             f"{len(requests)} requests")
         docs = _collect(self, requests)
         for doc in docs:
             if doc.error:
@@ -174,20 +200,23 @@ class _Emu3Base(lmms):
             raise RuntimeError(message)
         eval_logger.error(message)
 
-    def _understand(self, engine, docs: list[_Doc], max_new_tokens: int, temperature: float,
-                    do_sample: bool, question_of=lambda d: d.context, images_of=lambda d: d.images) -> dict[int, str]:
-        """Answer `docs` in as few engine calls as there are distinct sampling settings."""
-        groups: dict[tuple, list[_Doc]] = {}
-        for doc in docs:
-            groups.setdefault(_sampling(doc.gen_kwargs, max_new_tokens, temperature, do_sample), []).append(doc)
+    def _understand(self, engine, docs: list[_Doc], questions: list[str], images: list[list], owned: Container[int],
+                    max_new_tokens: int, temperature: float, do_sample: bool) -> dict[int, str]:
+        """Answers by position in `docs`, in as few engine calls as there are distinct sampling settings (the same
+        calls on every data-parallel rank). Failures are reported for the positions this rank `owned`."""
+        groups: dict[tuple, list[int]] = {}
+        for pos, doc in enumerate(docs):
+            groups.setdefault(_sampling(doc.gen_kwargs, max_new_tokens, temperature, do_sample), []).append(pos)
         answers = {}
-        for (max_tokens, temp, top_p, until), group in groups.items():
-            results = engine.understand([(question_of(d), images_of(d)) for d in group], max_new_tokens=max_tokens,
+        for key in self.launch.agree(list(groups)):
+            max_tokens, temp, top_p, until = key
+            positions = groups.get(key, [])
+            results = engine.understand([(questions[p], images[p]) for p in positions], max_new_tokens=max_tokens,
                                         temperature=temp, top_p=top_p, stop=list(until) or None)
-            for doc, answer in zip(group, results):
-                if answer.error:
-                    self._fail(doc, f"{doc.name}: {answer.error}")
-                answers[doc.index] = str(answer)
+            for pos, answer in zip(positions, results):
+                if answer.error and pos in owned:
+                    self._fail(docs[pos], f"{docs[pos].name}: {answer.error}")
+                answers[pos] = str(answer)
         return answers
 
     def loglikelihood(self, requests):
@@ -232,20 +261,23 @@ class Emu3VLLM(_Emu3Base):
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
         docs, ok = self._docs(requests)
+        shared, owned = self.launch.share(ok)
         if self.mode == "understanding":
-            answers = self._understand(self.engine, ok, self.max_new_tokens, self.temperature, self.do_sample)
-            return [answers.get(d.index, "") for d in docs]
-        return self._generate(docs, ok)
+            answers = self._understand(self.engine, shared, [d.context for d in shared], [d.images for d in shared],
+                                       owned, self.max_new_tokens, self.temperature, self.do_sample)
+            mine = {doc.index: answers.get(pos, "") for pos, doc in zip(owned, ok)}
+            return [mine.get(d.index, "") for d in docs]
+        return self._generate(docs, ok, shared, owned)
 
     generate_visual_cot = generate_until
 
-    def _generate(self, docs: list[_Doc], ok: list[_Doc]) -> list[str]:
+    def _generate(self, docs: list[_Doc], ok: list[_Doc], shared: list[_Doc], owned: range) -> list[str]:
         self.output_image_dir.mkdir(parents=True, exist_ok=True)
         results = self.engine.generate_images(
-            [d.context for d in ok], height=self.image_height, width=self.image_width, cfg_scale=self.cfg_scale,
-            negative_prompt=self.negative_prompt, top_k=self.top_k, seed=[self.seed + d.index for d in ok])
+            [d.context for d in shared], height=self.image_height, width=self.image_width, cfg_scale=self.cfg_scale,
+            negative_prompt=self.negative_prompt, top_k=self.top_k, seed=[self.seed + _doc_seed(d) for d in shared])
         outputs = {d.index: json.dumps({"text": "", "images": []}) for d in docs}
-        for doc, result in zip(ok, results):
+        for doc, result in zip(ok, (results[pos] for pos in owned)):
             if result.error:
                 self._fail(doc, f"{doc.name}: {result.error}")
                 continue
@@ -296,6 +328,25 @@ class Emu3VLLMVisualCoT(_Emu3Base):
         self.output_dir = Path(output_dir or "./logs/emu3_vllm_visual_cot")
         self.save_intermediate = _as_bool(save_intermediate, "save_intermediate")
         self.intermediate_dir = Path(intermediate_dir) if intermediate_dir else self.output_dir
+        self._kept: dict[str, Any] = {}
+        if self.launch.distributed:
+            # Under torchrun both engines start now, on every rank alike, and stay: closing an engine there takes
+            # the process group down. On GPUs they share the memory unless told otherwise.
+            import torch
+
+            if torch.cuda.is_available():
+                self.engine_kwargs.setdefault("gpu_memory_utilization", 0.45)
+            for checkpoint in (self.gen_pretrained, self.pretrained):
+                self._kept.setdefault(checkpoint, self._engine(checkpoint))
+
+    @contextlib.contextmanager
+    def _stage(self, checkpoint: str):
+        """The engine for one stage: started for the stage and released after it, or the one kept under torchrun."""
+        if checkpoint in self._kept:
+            yield self._kept[checkpoint]
+            return
+        with self._engine(checkpoint) as engine:
+            yield engine
 
     def _split(self, context: str) -> tuple[str, str]:
         gen = _GEN_PROMPT.search(context)
@@ -306,29 +357,34 @@ class Emu3VLLMVisualCoT(_Emu3Base):
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
         docs, ok = self._docs(requests)
-        prompts = {d.index: self._split(d.context) for d in ok}
+        shared, owned = self.launch.share(ok)
+        prompts = [self._split(d.context) for d in shared]
 
         # Stage 1: every auxiliary image in one batch on the Gen engine, then release it.
         aux: dict[int, Any] = {}
-        with self._engine(self.gen_pretrained) as gen_engine:
-            results = gen_engine.generate_images([prompts[d.index][0] for d in ok], **self.stage1,
-                                                 seed=[self.seed + d.index for d in ok])
-        for doc, result in zip(ok, results):
-            if result.error:
-                self._fail(doc, f"{doc.name}: stage 1 failed: {result.error}")
-            else:
-                aux[doc.index] = result.image
-        stage2_docs = [d for d in ok if d.index in aux]
+        with self._stage(self.gen_pretrained) as gen_engine:
+            results = gen_engine.generate_images([p[0] for p in prompts], **self.stage1,
+                                                 seed=[self.seed + _doc_seed(d) for d in shared])
+        for pos, result in enumerate(results):
+            if result.error is None:
+                aux[pos] = result.image
+            elif pos in owned:
+                self._fail(shared[pos], f"{shared[pos].name}: stage 1 failed: {result.error}")
+        stage2 = [pos for pos in range(len(shared)) if pos in aux]
 
         # Stage 2: answer with the original image(s) followed by the auxiliary one.
-        with self._engine(self.pretrained) as chat_engine:
-            answers = self._understand(
-                chat_engine, stage2_docs, self.stage2_max_new_tokens, self.stage2_temperature, self.stage2_do_sample,
-                question_of=lambda d: prompts[d.index][1], images_of=lambda d: [*d.images, aux[d.index]])
-        if self.save_intermediate:
-            for doc in ok:
-                self._save_intermediate(doc, prompts[doc.index], aux.get(doc.index), answers.get(doc.index, ""))
-        return [answers.get(d.index, "") for d in docs]
+        with self._stage(self.pretrained) as chat_engine:
+            answered = self._understand(
+                chat_engine, [shared[p] for p in stage2], [prompts[p][1] for p in stage2],
+                [[*shared[p].images, aux[p]] for p in stage2], {i for i, p in enumerate(stage2) if p in owned},
+                self.stage2_max_new_tokens, self.stage2_temperature, self.stage2_do_sample)
+        answers = {stage2[i]: answer for i, answer in answered.items()}
+        mine = {}
+        for pos, doc in zip(owned, ok):
+            mine[doc.index] = answers.get(pos, "")
+            if self.save_intermediate:
+                self._save_intermediate(doc, prompts[pos], aux.get(pos), mine[doc.index])
+        return [mine.get(d.index, "") for d in docs]
 
     generate_visual_cot = generate_until
 
