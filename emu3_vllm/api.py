@@ -161,7 +161,7 @@ class Emu3:
         *,
         indices: Iterable[int] | None = None,
         max_in_flight: int | None = None,
-        decode_batch: int = 32,
+        decode_batch: int | None = None,
         stats=None,
     ) -> Iterator[tuple[int, GeneratedImage]]:
         """Text to image with classifier-free guidance, streamed: yields `(index, GeneratedImage)` as each image
@@ -171,8 +171,9 @@ class Emu3:
         million prompts is never materialised); `indices` names the prompts (default 0, 1, ...: errors say
         `item {index}` and an int `seed` gives item `index` the seed `seed + index`); `max_in_flight` caps the
         images submitted to the engine at once (default: the engine's `max_num_seqs`, so the pair scheduler always
-        has a waiting pair to start); finished images are VQ-decoded in batches of up to `decode_batch` on a
-        background thread while the engine keeps stepping. `stats`, a `streaming.StreamStats`, is filled in.
+        has a waiting pair to start); finished images are VQ-decoded on a background thread while the engine keeps
+        stepping, up to `decode_batch` at a time (default: the decoder's batch size, 1 on CPU and 8 on a GPU, so
+        each image is yielded as soon as its own batch is decoded). `stats`, a `streaming.StreamStats`, is filled in.
 
         Stopping early (break, close(), an exception, Ctrl-C) aborts the images still in the engine. While the
         stream is open the engine takes no other call.
@@ -183,10 +184,11 @@ class Emu3:
         defaults = GenerationDefaults(height=height, width=width, cfg_scale=cfg_scale,
                                       negative_prompt=negative_prompt, positive_suffix=positive_suffix,
                                       top_k=top_k, temperature=temperature).checked()
+        decoder = self._decoder() if decode else None
         stream = ImageStream(llm, tokens=self.prompt_tokens, token_ids=self.token_ids, limits=self.limits,
                              prompt_len=self._prompt_len,
                              max_in_flight=max_in_flight if max_in_flight is not None else self.limits.max_num_seqs,
-                             decoder=self._decoder() if decode else None, decode_batch=decode_batch)
+                             decoder=decoder, decode_batch=decode_batch or getattr(decoder, "batch_size", 1))
         if stats is not None:
             stream.stats = stats
         items = image_specs(one_or_many(prompts, (str, dict, ImageSpec)), indices, seed, defaults)

@@ -3,8 +3,8 @@
 `ImageStream.run` takes (index, prompt, spec or error) items lazily, keeps up to `max_in_flight` images' request
 pairs submitted (so the pair scheduler always has a waiting pair to start when one finishes), steps the engine
 itself, and yields `(index, GeneratedImage)` as soon as an image is done; finished code grids are VQ-decoded in
-batches on a background thread while the engine keeps stepping (no more than two batches wait for it: beyond
-that, decode is the bottleneck and new prompts wait). Bad items come back as errors naming their index
+small batches on a background thread while the engine keeps stepping (no more than a window's worth of images, or
+two batches, wait for it: beyond that, decode is the bottleneck and new prompts wait). Bad items come back as errors naming their index
 and never reach the engine. Whatever ends the stream early (the consumer stops iterating, an exception, Ctrl-C)
 aborts every request this stream still has in the engine, so the engine is left as it was. An engine that is one
 data-parallel rank under vLLM's external launcher steps in lockstep with the other ranks (`DataParallelLockstep`).
@@ -62,7 +62,7 @@ class ImageStream:
     """One pass of image specs through an engine; see the module docstring."""
 
     def __init__(self, llm, *, tokens: PromptTokens, token_ids: ImageTokenIds, limits: EngineLimits,
-                 prompt_len: Callable[[str], int], max_in_flight: int, decoder=None, decode_batch: int = 32):
+                 prompt_len: Callable[[str], int], max_in_flight: int, decoder=None, decode_batch: int = 1):
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         self.llm = llm
@@ -87,11 +87,12 @@ class ImageStream:
         worker = DecodeWorker(self.decoder.decode, self.decode_batch) if self.decoder is not None else None
         engine = self.llm.llm_engine
         lockstep = DataParallelLockstep.of(self.llm)
+        backlog = max(2 * self.decode_batch, self.max_in_flight)  # images decoded or waiting for the decoder
         try:
             while True:
                 # Top up the engine; a decode backlog holds new work back, since decode is then the bottleneck.
                 while not exhausted and len(in_flight) < self.max_in_flight and (
-                        worker is None or worker.pending + len(ready) < 2 * self.decode_batch):
+                        worker is None or worker.pending + len(ready) < backlog):
                     item = next(source, None)
                     if item is None:
                         exhausted = True

@@ -125,7 +125,7 @@ def test_cli_writes_images_as_they_finish_survives_sigkill_and_ctrl_c_and_resume
     out = tmp_path / "out"
     proc = cli_process(*args, "--out", out)
     try:
-        growth = _png_times(out, proc, until=n // 2)
+        growth = _png_times(out, proc, until=n - 4)
     finally:
         proc.send_signal(signal.SIGKILL)  # the CLI process alone, as an OOM killer would
         proc.wait()
