@@ -44,3 +44,23 @@ def test_bench_understanding_smoke(tmp_path):
     assert "transformers" in result["vllm_transformers_backend"]["model_class"]
     for key in ("emu3_vllm", "vllm_transformers_backend", "transformers"):
         assert result[key]["generated_tokens_per_s"] > 0
+
+
+def test_bench_serving_smoke(tmp_path, checkpoints, emu3_server):
+    from conftest import SERVED_MODEL
+
+    # Against the session's server (the script starts its own when not given --url); offline on the same weights.
+    result = run_script("bench_serving", tmp_path, "--checkpoint", checkpoints["a"], "--url", emu3_server.url,
+                        "--model-name", SERVED_MODEL, "--server-pid", str(emu3_server.proc.pid), "--concurrency",
+                        "1,3", "--requests-per-level", "3", "--total-requests", "8", "--height", "16", "--width",
+                        "16")
+    server, offline = result["server"], result["offline"]
+    assert [r["concurrency"] for r in server["by_concurrency"]] == [1, 3]
+    assert server["errors"] == 0 and server["requests_after_warm_up"] == 8
+    assert all(r["images_per_s"] > 0 and r["latency_s"]["p99"] >= r["latency_s"]["p50"] > 0
+               for r in server["by_concurrency"])
+    for rss in (server["rss"], offline["rss"]):
+        assert rss["end_mib"] > 0 and rss["requests"] == 8 and set(rss["growth_mib_by_role"]) >= {"front_end", "workers"}
+    assert all(r["images_per_s"] > 0 and r["errors"] == 0 for r in offline["by_concurrency"])
+    assert set(result["server_over_offline"]) == {"1", "3"}  # JSON keys
+    assert (tmp_path / "bench_serving.png").stat().st_size > 0
