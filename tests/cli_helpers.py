@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,9 @@ ENGINE_FLAGS = ["--dtype", "float32", "--max-model-len", "1024", "--enforce-eage
 
 
 def cli_env() -> dict:
-    return {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1"}
+    from conftest import USER_ENV
+
+    return {**USER_ENV, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -22,9 +23,10 @@ def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
                           env=cli_env(), timeout=timeout)
 
 
-def cli_process(*args: str, **popen_kwargs) -> subprocess.Popen:
-    """The CLI in its own process group, as a shell job is (so a test can signal the job as a terminal would)."""
-    return subprocess.Popen([sys.executable, "-m", "emu3_vllm.cli", *map(str, args)], env=cli_env(),
+def cli_process(*args: str, env: dict | None = None, **popen_kwargs) -> subprocess.Popen:
+    """The CLI in its own process group, as a shell job is (so a test can signal the job as a terminal would);
+    `env` adds to the user's environment."""
+    return subprocess.Popen([sys.executable, "-m", "emu3_vllm.cli", *map(str, args)], env={**cli_env(), **(env or {})},
                             start_new_session=True, **popen_kwargs)
 
 

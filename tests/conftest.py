@@ -12,6 +12,10 @@ import pytest
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 # Lets tests run probe functions on the model inside the engine's worker (LLM.apply_model).
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+# The environment a user's shell gives the processes the tests start (CLI runs, servers, lmms-eval): importing vLLM
+# into this process rewrites its own (LD_PRELOAD, OpenMP and worker settings meant for an engine in this process),
+# and a server started with those ran at a fraction of its speed.
+USER_ENV = dict(os.environ)
 
 # Two tiny shapes that differ in every axis the model code depends on.
 TINY_SHAPES = {
@@ -112,7 +116,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = open(log_path, "w")
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+        env = {**USER_ENV, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
         # Its own process group, so stopping it reaches the engine processes too.
         self.proc = subprocess.Popen([sys.executable, "-m", "emu3_vllm.cli", "serve", *map(str, args),
                                       "--host", "127.0.0.1", "--port", str(self.port)],

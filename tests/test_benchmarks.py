@@ -4,17 +4,18 @@ benchmarks report numbers, tests check that they ran and reported them."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from conftest import USER_ENV
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def run_script(name: str, tmp_path: Path, *args: str) -> dict:
     out = tmp_path / f"{name}.json"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env = {**USER_ENV, "VLLM_CPU_KVCACHE_SPACE": "1"}
     proc = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), "--size", "tiny", "--workdir", str(tmp_path),
                            "--repeats", "1", "--out", str(out), *args], env=env, capture_output=True, text=True,
                           timeout=900)

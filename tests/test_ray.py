@@ -53,7 +53,9 @@ def test_replicas_write_every_index_once_and_a_rerun_after_sigkill_finishes(chec
             "--seed", SEED, "--shard-size", SHARD_SIZE, "--replicas", 2, "--cpus-per-replica", 0.5, "--ray-address",
             ray_cluster, "--max-num-seqs", 2, "--no-progress", *ENGINE_FLAGS]
     with open(tmp_path / "driver.log", "w") as log:
-        driver = cli_process(*args, stdout=log, stderr=log)
+        # What a user joining this cluster has: its authentication settings (ray.init set them here).
+        ray_env = {k: v for k, v in os.environ.items() if k.startswith("RAY_")}
+        driver = cli_process(*args, env=ray_env, stdout=log, stderr=log)
         try:
             _wait(lambda: list(out.glob("*_stats.json")) or driver.poll() is not None, 900, "finished shard")
         finally:

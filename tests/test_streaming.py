@@ -108,11 +108,12 @@ def _kill_job(proc) -> None:
 
 
 def test_cli_writes_images_as_they_finish_survives_sigkill_and_ctrl_c_and_resumes(checkpoints, tmp_path):
-    n = 14
+    n = 20
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"an emu on a hill, take {i}\n" for i in range(n)))
-    # --max-num-seqs 2: one pair at a time, so the images finish in n waves.
-    args = ["generate", "--model", checkpoints["a"], "--prompts", prompts, "--height", 32, "--width", 32,
+    # --max-num-seqs 2: one pair at a time, so the images finish in n waves; at 64x64 each wave takes long enough
+    # (75 tokens) for this process, sharing the cores with the run, to see the count grow and to kill mid-way.
+    args = ["generate", "--model", checkpoints["a"], "--prompts", prompts, "--height", 64, "--width", 64,
             "--seed", 7, "--max-num-seqs", 2, "--no-progress", *ENGINE_FLAGS]
 
     reference = tmp_path / "reference"
@@ -125,7 +126,7 @@ def test_cli_writes_images_as_they_finish_survives_sigkill_and_ctrl_c_and_resume
     out = tmp_path / "out"
     proc = cli_process(*args, "--out", out)
     try:
-        growth = _png_times(out, proc, until=n - 4)
+        growth = _png_times(out, proc, until=n // 2 + 2)
     finally:
         proc.send_signal(signal.SIGKILL)  # the CLI process alone, as an OOM killer would
         proc.wait()

@@ -18,7 +18,7 @@ def test_cpu_binding_gives_each_rank_its_own_cores_unless_the_user_chose(monkeyp
     assert cpu_thread_binding(2, [0, 1]) == "0|1"
     assert cpu_thread_binding(2, [4, 0, 1, 2, 3]) == "0-2|3-4"
     assert cpu_thread_binding(1, [0, 1]) == "0-1"
-    with pytest.raises(ValueError, match="at least one CPU core per rank"):
+    with pytest.raises(ValueError, match="at least one CPU core each"):
         cpu_thread_binding(3, [0, 1])
     if not on_cpu():
         pytest.skip("the binding is a CPU setting")
