@@ -112,9 +112,9 @@ ENGINE_ARGS = "dtype=float32,max_model_len=1024,enforce_eager=true"
 
 
 def run_lmms_eval(model: str, model_args: str, task: str, tasks_dir, out: Path, *extra: str,
-                  launcher: tuple[str, ...] = ()):
+                  launcher: tuple[str, ...] = (), env: dict | None = None):
     env = {**USER_ENV, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
-           "HF_DATASETS_CACHE": str(out / "hf_cache"), "VLLM_CPU_KVCACHE_SPACE": "1"}
+           "HF_DATASETS_CACHE": str(out / "hf_cache"), "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}
     cmd = [sys.executable, *launcher, "-m", "lmms_eval", "--model", model, "--model_args", model_args, "--tasks", task,
            "--include_path", str(tasks_dir["root"]), "--batch_size", "4", "--output_path", str(out / "results"),
            "--log_samples", *extra]
