@@ -183,6 +183,8 @@ def run_plain(ckpt, kwargs, rows, n_tokens, repeats):
     """(d): stock vLLM decoding the same rows, stepped by hand to count engine steps."""
     from vllm import LLM, SamplingParams
 
+    from emu3_vllm.engine import shutdown_llm
+
     kwargs = {k: v for k, v in kwargs.items() if k not in ("logits_processors", "scheduler_cls")}
     params = SamplingParams(temperature=0.0, max_tokens=n_tokens, min_tokens=n_tokens, ignore_eos=True)
     out, runs, takes = {}, [], iter(sorted(rows))
@@ -201,7 +203,7 @@ def run_plain(ckpt, kwargs, rows, n_tokens, repeats):
                     steps += 1
             runs.append(summary("(d) plain vLLM", len(texts) // 2, t["seconds"],
                                 mean_pairs=len(texts) // 2 * n_tokens / steps))
-        llm.llm_engine.engine_core.shutdown()
+        shutdown_llm(llm)
     out.update(best(runs))
     out["peak_memory_gib"] = mem.gib
     return out

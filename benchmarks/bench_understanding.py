@@ -85,6 +85,7 @@ def run_vllm_transformers_backend(ckpt, kwargs, args):
         with _common.timed() as start:
             llm = LLM(model=ckpt, model_impl="transformers", **kwargs)
         from emu3_vllm import engine_probes
+        from emu3_vllm.engine import shutdown_llm
 
         model_class = llm.apply_model(engine_probes.model_class_path)[0]
         llm.generate(requests(items(2, args.image_size, take=-1)), params, use_tqdm=False)  # warm-up
@@ -95,7 +96,7 @@ def run_vllm_transformers_backend(ckpt, kwargs, args):
                 outputs = llm.generate(batch, params, use_tqdm=False)
             times.append(t["seconds"])
             tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-        llm.llm_engine.engine_core.shutdown()
+        shutdown_llm(llm)
     seconds, spread = _common.best_and_median(times)
     return summarize("vLLM backend", len(batch), tokens, seconds,
                      {**spread, "engine_start_s": round(start["seconds"], 2), "model_class": model_class,

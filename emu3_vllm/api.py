@@ -49,7 +49,9 @@ class Emu3:
         """Shut the engine down now and free its memory (instead of at interpreter exit)."""
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
-            llm.llm_engine.engine_core.shutdown()
+            from .engine import shutdown_llm
+
+            shutdown_llm(llm)
 
     def __enter__(self) -> "Emu3":
         return self

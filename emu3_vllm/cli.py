@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import os
 import sys
@@ -479,5 +480,16 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+def run() -> None:
+    """The `emu3-vllm` command: `main`, then exit without the interpreter's teardown of vLLM, torch and
+    transformers (several seconds of garbage collection on every run). Everything is written and closed by then:
+    output files in `main`, the engine by its front end, and standard streams and logs here."""
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    logging.shutdown()
+    os._exit(code or 0)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
