@@ -12,20 +12,29 @@ PROMPTS = [("emu " * n).strip() for n in (1, 5, 40, 2, 80, 3, 20, 60, 7, 1, 33, 
 
 @pytest.fixture(scope="module")
 def small_kv_engine(checkpoints):
-    """A KV cache of 48 blocks of 32 tokens: room for ~3 pairs at a time, while 16 are submitted at once."""
+    """A KV cache of 48 blocks of 32 tokens: room for ~3 pairs at their full length, while 16 are submitted at
+    once (vLLM's stats on, to count preemptions)."""
     from emu3_vllm import Emu3
 
-    kwargs = {**ENGINE_KWARGS, "block_size": 32, "num_gpu_blocks_override": 48, "max_num_seqs": 64}
+    kwargs = {**ENGINE_KWARGS, "block_size": 32, "num_gpu_blocks_override": 48, "max_num_seqs": 64,
+              "disable_log_stats": False}
     engine = Emu3(checkpoints["a"], **kwargs)
     yield engine
     engine.close()
 
 
+def _preemptions(engine) -> float:
+    return sum(m.value for m in engine.llm.get_metrics() if m.name == "vllm:num_preemptions")
+
+
 def test_sixteen_images_under_kv_pressure_are_well_formed_and_batch_invariant(small_kv_engine):
     engine = small_kv_engine
     seeds = list(range(100, 100 + len(PROMPTS)))
+    before = _preemptions(engine)
     batch = engine.generate_images(PROMPTS, height=48, width=48, seed=seeds, use_tqdm=False)
     assert all(r.error is None for r in batch), [r.error for r in batch if r.error]
+    # More pairs started than fit at full length, so whole pairs were preempted and resumed on the way.
+    assert _preemptions(engine) > before
     assert all(len(r.codes) == 6 and all(len(row) == 6 for row in r.codes) for r in batch)
     for i in (0, 4, 7, 12):  # the same seed alone gives the same image
         alone = engine.generate_images([PROMPTS[i]], height=48, width=48, seed=seeds[i], use_tqdm=False)[0]
