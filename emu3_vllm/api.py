@@ -6,7 +6,9 @@ and whatever interrupts a call aborts what it put into the engine, so the next c
 
 from __future__ import annotations
 
+import atexit
 import os
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -44,10 +46,17 @@ class Emu3:
         self.llm, self.uses_v2_runner = start_llm(self.model, seed=seed, **engine_kwargs)
         self.limits = EngineLimits.of(self.llm.llm_engine.vllm_config)
         self.max_model_len = self.limits.max_model_len
+        # An engine still open at interpreter exit is closed the quick way too (vLLM's own finalizer would wait
+        # 5 s for it); a weak reference, so the hook does not keep a dropped engine alive.
+        this = weakref.ref(self)
+        self._close_at_exit = lambda: (engine := this()) is not None and engine.close()
+        atexit.register(self._close_at_exit)
 
     def close(self) -> None:
         """Shut the engine down now and free its memory (instead of at interpreter exit)."""
         llm, self.llm = getattr(self, "llm", None), None
+        if hasattr(self, "_close_at_exit"):
+            atexit.unregister(self._close_at_exit)
         if llm is not None:
             from .engine import shutdown_llm
 
