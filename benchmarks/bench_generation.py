@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -80,13 +81,30 @@ def best(runs: list[dict]) -> dict:
     return {**fastest, "seconds_all": [r["seconds"] for r in runs]}
 
 
+def generation_args(args) -> dict:
+    return dict(height=args.height, width=args.width, cfg_scale=args.cfg_scale, top_k=args.top_k)
+
+
+def stream_once(engine, args, take: int, decode: bool, label: str) -> dict:
+    """One timed run of the streaming core over all the images, the window as large as the job."""
+    from emu3_vllm.streaming import StreamStats
+
+    stats = StreamStats()
+    with _common.timed() as t:
+        failed = sum(bool(r.error) for _, r in engine.iter_images(
+            prompts(args.num_images, take), seed=1000, decode=decode, max_in_flight=args.num_images, stats=stats,
+            **generation_args(args)))
+    return summary(label, args.num_images, t["seconds"], mean_pairs=stats.mean_pairs_per_step,
+                   decode_seconds=stats.decode_seconds, extra={"failed": failed})
+
+
 def run_emu3(ckpt, args, kwargs):
-    """(a), (a') and (c) on one engine."""
+    """(a), (a') and (c) on one engine, which is returned open for the head-to-head with (d)."""
     from emu3_vllm import Emu3
     from emu3_vllm.prompts import NEGATIVE_PROMPT, POSITIVE_SUFFIX
     from emu3_vllm.streaming import StreamStats
 
-    gen = dict(height=args.height, width=args.width, cfg_scale=args.cfg_scale, top_k=args.top_k)
+    gen = generation_args(args)
     out, take = {}, 0
     with _common.PeakMemory() as mem:
         with _common.timed() as start:
@@ -100,14 +118,7 @@ def run_emu3(ckpt, args, kwargs):
             runs = []
             for _ in range(args.repeats):
                 take += 1
-                stats = StreamStats()
-                with _common.timed() as t:
-                    failed = sum(bool(r.error) for _, r in engine.iter_images(
-                        prompts(args.num_images, take), seed=1000, decode=decode, max_in_flight=args.num_images,
-                        stats=stats, **gen))
-                runs.append(summary(label, args.num_images, t["seconds"], mean_pairs=stats.mean_pairs_per_step,
-                                    decode_seconds=stats.decode_seconds,
-                                    extra={"failed": failed}))
+                runs.append(stream_once(engine, args, take, decode, label))
             return best(runs)
 
         out["stream"] = stream(False, "(a) stream")
@@ -134,9 +145,8 @@ def run_emu3(ckpt, args, kwargs):
         # Fresh prompt texts (same lengths) for the other contenders, one take per run.
         prompt_rows = {t: [engine.image_generation_prompts(p, *engine_grid(args), NEGATIVE_PROMPT, POSITIVE_SUFFIX)
                            for p in prompts(args.num_images, t)] for t in range(take + 1, take + 2 + args.repeats)}
-        engine.close()
     out["peak_memory_gib"] = mem.gib
-    return out, prompt_rows
+    return out, prompt_rows, engine
 
 
 def engine_grid(args) -> tuple[int, int]:
@@ -179,8 +189,10 @@ def _tokens_per_image(args) -> int:
     return num_image_tokens(*engine_grid(args))
 
 
-def run_plain(ckpt, kwargs, rows, n_tokens, repeats):
-    """(d): stock vLLM decoding the same rows, stepped by hand to count engine steps."""
+def run_plain(ckpt, kwargs, rows, n_tokens, repeats, rival=None):
+    """(d): stock vLLM decoding the same rows, stepped by hand to count engine steps. With `rival` (one run of
+    (a), returning its summary), each (d) run follows an (a) run: the head-to-head ratios then compare runs made
+    a few seconds apart, not minutes apart on a machine whose speed drifts."""
     from vllm import LLM, SamplingParams
 
     from emu3_vllm.engine import shutdown_llm
@@ -193,8 +205,10 @@ def run_plain(ckpt, kwargs, rows, n_tokens, repeats):
             llm = LLM(model=ckpt, **kwargs)
         out["engine_start_s"] = round(start["seconds"], 2)
         llm.generate([t for pair in rows[next(takes)][:4] for t in pair], params, use_tqdm=False)  # warm-up
+        head_to_head = []
         for _ in range(repeats):
             texts = [t for pair in rows[next(takes)] for t in pair]
+            ours = rival() if rival else None
             steps = 0
             with _common.timed() as t:
                 llm.enqueue(texts, params, use_tqdm=False)
@@ -203,8 +217,12 @@ def run_plain(ckpt, kwargs, rows, n_tokens, repeats):
                     steps += 1
             runs.append(summary("(d) plain vLLM", len(texts) // 2, t["seconds"],
                                 mean_pairs=len(texts) // 2 * n_tokens / steps))
+            if ours:
+                head_to_head.append(round(ours["images_per_s"] / runs[-1]["images_per_s"], 4))
         shutdown_llm(llm)
     out.update(best(runs))
+    if head_to_head:
+        out["stream_over_plain_vllm_each_round"] = head_to_head
     out["peak_memory_gib"] = mem.gib
     return out
 
@@ -275,14 +293,18 @@ def main(argv=None) -> dict:
                            "pairs_that_fit": blocks // per_pair},
               "engine_args": kwargs, "environment": _common.environment(threads)}
 
-    emu3, rows = run_emu3(ckpt, args, kwargs)
+    emu3, rows, engine = run_emu3(ckpt, args, kwargs)
     result["emu3_vllm"] = emu3
     result["environment"]["VLLM_USE_V2_MODEL_RUNNER"] = emu3["model_runner"]
     if not args.skip_cli:
         with tempfile.TemporaryDirectory(prefix="emu3_bench_cli_", dir=args.workdir) as tmp:
             result["cli"] = run_cli(ckpt, args, kwargs, Path(tmp))
     if not args.skip_peer:
-        result["plain_vllm"] = run_plain(ckpt, kwargs, rows, n_tokens, args.repeats)
+        takes = iter(range(10_000, 20_000))
+        result["plain_vllm"] = run_plain(
+            ckpt, kwargs, rows, n_tokens, args.repeats,
+            rival=lambda: stream_once(engine, args, next(takes), False, "(a) stream, head-to-head"))
+    engine.close()
     if not args.skip_hf:
         result["transformers"] = run_transformers(ckpt, args, rows, n_tokens)
 
@@ -299,7 +321,10 @@ def main(argv=None) -> dict:
     if "plain_vllm" in result:
         rate["(d) plain vLLM"] = result["plain_vllm"]["images_per_s"]
         ratios["stream_over_plain_vllm"] = rate["(a) stream"] / rate["(d) plain vLLM"]
-        targets["(a) stream >= 0.95 x (d) plain vLLM"] = ratios["stream_over_plain_vllm"] >= 0.95
+        # The target is judged on the runs made back to back (median round), not on bests minutes apart.
+        ratios["stream_over_plain_vllm_head_to_head"] = statistics.median(
+            result["plain_vllm"]["stream_over_plain_vllm_each_round"])
+        targets["(a) stream >= 0.95 x (d) plain vLLM"] = ratios["stream_over_plain_vllm_head_to_head"] >= 0.95
     if "transformers" in result:
         rate["(e) transformers"] = result["transformers"]["images_per_s"]
         ratios["stream_over_transformers"] = rate["(a) stream"] / rate["(e) transformers"]
