@@ -66,17 +66,17 @@ def test_stopping_a_stream_early_aborts_what_it_had_in_the_engine(engine_factory
     assert again.error is None
 
 
-def _png_times(out, proc, until: int, timeout: float = 300):
-    """Poll the folder while the CLI runs: (seconds, images in the manifest) each time the count grows."""
-    seen, start = [], time.monotonic()
-    while time.monotonic() - start < timeout:
-        count = len([r for r in manifest(out) if "file" in r])
-        if not seen or count > seen[-1][1]:
-            seen.append((time.monotonic() - start, count))
-        if count >= until or proc.poll() is not None:
-            return seen
-        time.sleep(0.02)
-    raise AssertionError(f"no progress in {timeout} s: {seen}")
+def _signal_at(out, proc, images: int, signum: int, group: bool = False):
+    """A separate process that signals the CLI (or its whole job) once the manifest names `images` images, so the
+    moment does not depend on how this process gets scheduled."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from cli_helpers import cli_env
+
+    return subprocess.Popen([sys.executable, str(Path(__file__).with_name("kill_when.py")), str(out), str(images),
+                             str(proc.pid), str(int(signum)), *(["--group"] if group else [])], env=cli_env())
 
 
 def _job_ends(proc, within: float) -> bool:
@@ -111,31 +111,33 @@ def test_cli_writes_images_as_they_finish_survives_sigkill_and_ctrl_c_and_resume
                                                                                   tmp_path):
     from emu3_vllm.image_folder import _png_bytes
 
-    n = 20
+    n = 16
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"an emu on a hill, take {i}\n" for i in range(n)))
-    # --max-num-seqs 2: one pair at a time, so the images finish one after another. The kills come early (after
-    # 3, then 2 more images), leaving most of the run for this process, which shares the cores with it, to act.
-    args = ["generate", "--model", checkpoints["a"], "--prompts", prompts, "--height", 64, "--width", 64,
+    # --max-num-seqs 2: one pair at a time, so the images finish one after another (96x96: 159 tokens each). The
+    # kills come early (after 3 images, then 2 more), leaving most of the run as slack.
+    args = ["generate", "--model", checkpoints["a"], "--prompts", prompts, "--height", 96, "--width", 96,
             "--seed", 7, "--max-num-seqs", 2, "--no-progress", *ENGINE_FLAGS]
     # What an uninterrupted run writes: image i drawn with seed 7 + i (the shared engine's images are the CLI's
     # pixel for pixel), encoded as the CLI encodes it.
-    reference = engine_factory("a").generate_images(prompts.read_text().splitlines(), height=64, width=64, seed=7,
+    reference = engine_factory("a").generate_images(prompts.read_text().splitlines(), height=96, width=96, seed=7,
                                                     use_tqdm=False)
 
-    # SIGKILL mid-way: what the manifest names is whole, and images appeared one after another.
+    # SIGKILL mid-way (the CLI process alone, as an OOM killer would): what the manifest names is whole, and images
+    # appeared one after another.
     out = tmp_path / "out"
     proc = cli_process(*args, "--out", out)
+    killer = _signal_at(out, proc, 3, signal.SIGKILL)
     try:
-        _png_times(out, proc, until=3)
+        proc.wait(timeout=600)
+        assert killer.wait(timeout=60) == 0, "the run ended before it could be killed"
     finally:
-        proc.send_signal(signal.SIGKILL)  # the CLI process alone, as an OOM killer would
-        proc.wait()
+        _kill_job(proc)
     engine_gone = _job_ends(proc, within=60)
     _kill_job(proc)
     assert engine_gone, "the engine processes outlived the SIGKILLed CLI"
     killed_at = len([r for r in manifest(out) if "file" in r])
-    assert 0 < killed_at < n
+    assert 3 <= killed_at < n
     # Written one by one as they finished, not all at once at the end.
     written = sorted((out / r["file"]).stat().st_mtime for r in manifest(out) if "file" in r)
     assert written[-1] - written[0] > 0.2 * (killed_at - 1), written
@@ -143,13 +145,12 @@ def test_cli_writes_images_as_they_finish_survives_sigkill_and_ctrl_c_and_resume
 
     # Ctrl-C (SIGINT to the job's process group, as a terminal sends it): exit 130, folder consistent.
     proc = cli_process(*args, "--out", out)
+    interrupter = _signal_at(out, proc, killed_at + 2, signal.SIGINT, group=True)
     try:
-        _png_times(out, proc, until=killed_at + 2)
-        os.killpg(proc.pid, signal.SIGINT)
-        assert proc.wait(timeout=120) == 130
+        code = proc.wait(timeout=600)
+        assert interrupter.wait(timeout=60) == 0, "the run ended before Ctrl-C"
+        assert code == 130
     finally:
-        if proc.poll() is None:
-            proc.kill()
         _kill_job(proc)
     interrupted_at = len({r["index"] for r in manifest(out) if "file" in r})
     assert killed_at < interrupted_at <= n
