@@ -470,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return serve(argv[1:])
     args = build_parser().parse_args(argv)
+    ctrl_c = _remember_ctrl_c()
     try:
         return args.func(args)
     except UsageError as exc:
@@ -478,6 +479,28 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception:
+        # Ctrl-C in a terminal reaches the engine processes too; when they stop first, the engine call fails
+        # before this process sees its KeyboardInterrupt. Every finished output is already on disk.
+        if ctrl_c:
+            print("interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        raise
+
+
+def _remember_ctrl_c() -> list:
+    """A list that gets an entry when SIGINT arrives; SIGINT still raises KeyboardInterrupt as usual."""
+    import signal
+
+    seen: list = []
+
+    def handler(signum, frame):
+        seen.append(signum)
+        signal.default_int_handler(signum, frame)
+
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, handler)
+    return seen
 
 
 def run() -> None:
