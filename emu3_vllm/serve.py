@@ -109,9 +109,20 @@ def parse_args(argv: list[str]) -> Namespace:
     return emu3_serve_args(args)
 
 
+def refuse_early(argv: list[str]) -> None:
+    """What is wrong with the model argument, found before vLLM (half a minute of imports on a CPU) loads."""
+    from .engine import check_model
+
+    if not argv:
+        raise FileNotFoundError("give the Emu3 checkpoint: emu3-vllm serve MODEL [flags]")
+    if not argv[0].startswith("-"):
+        check_model(argv[0])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        refuse_early(argv)
         args = parse_args(argv)
     except FileNotFoundError as exc:
         print(f"emu3-vllm serve: error: {exc}", file=sys.stderr)

@@ -75,8 +75,10 @@ def test_serve_refuses_a_missing_model_before_starting_anything(tmp_path):
 
     done = cli("serve", tmp_path / "nowhere", "--port", "1", timeout=300)
     assert done.returncode == 2 and "no such checkpoint folder" in done.stderr, done.stderr[-2000:]
-    done = cli("serve", "--port", "1", timeout=300)
+    done = cli("serve", timeout=300)
     assert done.returncode == 2 and "give the Emu3 checkpoint" in done.stderr, done.stderr[-2000:]
+    # Both are refused before vLLM loads: a typo costs no half-minute of imports.
+    assert "vllm" not in done.stderr.lower().replace("emu3-vllm", ""), done.stderr[-2000:]
 
 
 # --------------------------------------------------------------------------------------------------------------
