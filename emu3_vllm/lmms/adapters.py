@@ -257,7 +257,17 @@ class Emu3VLLM(_Emu3Base):
         self.negative_prompt = negative_prompt if negative_prompt is not None else NEGATIVE_PROMPT
         self.output_image_dir = Path(output_image_dir or "./logs/emu3_vllm_images")
         self.top_k = _as_number(top_k, "top_k", int)
-        self.engine = self._engine(pretrained)
+        self.pretrained = pretrained
+        # Under torchrun every rank starts its engine now, together (vLLM's external launcher). Otherwise the
+        # engine starts at the first request, after the requests' images are loaded: a task with broken inputs and
+        # fail_gracefully=false stops in seconds instead of after an engine start.
+        self._started = self._engine(pretrained) if self.launch.distributed else None
+
+    @property
+    def engine(self):
+        if self._started is None:
+            self._started = self._engine(self.pretrained)
+        return self._started
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
         docs, ok = self._docs(requests)
