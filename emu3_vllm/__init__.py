@@ -5,7 +5,7 @@ Light at import: vLLM and torch load only when the engine or a checkpoint builde
 
 from .checkpoints import make_random_checkpoint
 
-__all__ = ["Emu3", "generate_on_ray", "make_random_checkpoint"]
+__all__ = ["Emu3", "generate_on_ray", "make_random_checkpoint", "shapes_checkpoint"]
 __version__ = "0.1.0"
 
 
@@ -18,4 +18,8 @@ def __getattr__(name: str):
         from .ray_generation import generate_on_ray
 
         return generate_on_ray
+    if name == "shapes_checkpoint":
+        from .checkpoints import shapes_checkpoint
+
+        return shapes_checkpoint
     raise AttributeError(name)

@@ -133,8 +133,11 @@ def _read_prompt_file(path: str) -> list:
 
 
 def cmd_make_checkpoint(args) -> int:
-    from .checkpoints import make_random_checkpoint
+    from .checkpoints import copy_shapes_checkpoint, make_random_checkpoint
 
+    if args.size == "shapes":  # the trained checkpoint that ships with the package, not a random one
+        print(f"wrote the trained shapes Emu3 checkpoint to {copy_shapes_checkpoint(args.dir)}")
+        return EXIT_OK
     overrides = dict(args.set or [])
     try:
         path = make_random_checkpoint(args.dir, size=args.size, seed=args.seed, dtype=args.dtype,
@@ -323,50 +326,17 @@ def _generate_shards(args, prompts: list, defaults) -> int:
 
 
 def cmd_demo(args) -> int:
-    """Build the tiny checkpoint (once), answer a few questions with it and generate a few images to disk."""
-    import numpy as np
-    from PIL import Image
+    """Answer questions about shape images and draw shapes with the trained shapes checkpoint."""
+    from .checkpoints import shapes_checkpoint
+    from .demo import run_demo
 
-    from .checkpoints import make_random_checkpoint
-
-    out = Path(args.out)
-    ckpt = out / "tiny-emu3"
-    if not (ckpt / "config.json").exists():
-        print(f"building the tiny random-weight Emu3 checkpoint in {ckpt} ...", file=sys.stderr)
-        make_random_checkpoint(ckpt, size="tiny", seed=0)
-    rng = np.random.default_rng(0)
-    images_dir = out / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, (h, w) in {"square.png": (48, 48), "wide.png": (40, 72), "tall.png": (64, 32)}.items():
-        path = images_dir / name
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
-        paths.append(str(path))
-    items = [
-        {"text": "Describe a cat in one sentence.", "images": []},
-        {"text": "What is in this picture?", "images": [paths[0]]},
-        {"text": "Compare <image> with <image>", "images": [paths[1], paths[2]]},
-    ]
-    args.model = str(ckpt)
-    prompts = ["a red emu in the desert", "a city skyline at night", "a bowl of fruit", "a snowy mountain"]
+    args.model = str(shapes_checkpoint())
     with _results_stream() as out_stream:
         engine = _engine(args)
         try:
-            answers = engine.understand(items, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-            records, failed = _answer_records(items, answers)
-            for record in records:
-                out_stream.write(json.dumps(record, ensure_ascii=False) + "\n")
-            from .image_folder import ImageFolder
-
-            folder = ImageFolder(out / "generated", args.model)
-            for index, result in engine.iter_images(prompts, height=64, width=64, seed=0):
-                folder.write(index, result)
-                failed += bool(result.error)
+            return run_demo(args.out, engine=engine, stdout=out_stream, max_new_tokens=args.max_new_tokens)
         finally:
             engine.close()
-        out_stream.write(json.dumps({"generated_images": str(out / "generated")}) + "\n")
-    print("(random weights: answers and images are noise; the point is the pipeline)", file=sys.stderr)
-    return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -395,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-checkpoint", help="write a random-weight Emu3 checkpoint")
     p.add_argument("dir")
-    p.add_argument("--size", choices=["tiny", "small", "8b"], default="tiny")
+    p.add_argument("--size", choices=["tiny", "small", "8b", "shapes"], default="tiny",
+                   help="shapes: copy the trained shapes checkpoint that ships with the package")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--set", type=_key_value, action="append", metavar="KEY=VALUE",
@@ -452,10 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vLLM's OpenAI server for Emu3 (chat, completions, /v1/images/generations): "
                         "emu3-vllm serve MODEL [any vllm serve flag]")
 
-    p = sub.add_parser("demo", help="build the tiny checkpoint, answer questions and generate images with it")
-    p.add_argument("--out", default="out", help="where the checkpoint and demo images go")
+    p = sub.add_parser("demo", help="answer questions about shapes and draw them with the trained shapes checkpoint")
+    p.add_argument("--out", default="out", help="where the demo's images and contact sheet go")
     _add_engine_args(p)
-    p.set_defaults(func=cmd_demo, dtype="float32", max_new_tokens=16, enforce_eager=True)
+    p.set_defaults(func=cmd_demo, dtype="float32", max_new_tokens=32, enforce_eager=True)
     return parser
 
 

@@ -193,3 +193,13 @@ def emu3_server(checkpoints, tmp_path_factory):
                     tmp_path_factory.mktemp("server") / "server.log")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def shapes_engine():
+    """One engine on the trained shapes checkpoint that ships with the package, for the whole session."""
+    from emu3_vllm import Emu3, shapes_checkpoint
+
+    engine = Emu3(shapes_checkpoint(), **{**ENGINE_KWARGS, "max_num_seqs": 64})
+    yield engine
+    engine.close()

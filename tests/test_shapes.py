@@ -1,0 +1,269 @@
+"""The trained shapes checkpoint, judged by meaning: what it answers about pictures of the shapes world and what it
+draws for the world's captions, each on samples drawn fresh from the world with the test's own seed.
+
+A bug that transformers would share (a transposed grid, swapped colour channels, guidance pushing the wrong way, a
+wrong negative-prompt convention) passes the parity tests on random weights; here it costs accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from emu3_vllm import shapes
+from emu3_vllm.checkpoints import shapes_checkpoint
+
+UNDERSTANDING_SEED = 1001
+VQ_SEED = 1002
+LMMS_SEED = 1003
+GENERATION_SEEDS = (7000, 8000)  # caption i of the 18 is drawn with seeds 7000 + i and 8000 + i
+VCOT_SEED = 9000
+SIZE = 64
+
+
+def _ask(engine, images, question):
+    return engine.understand([(question, [image]) for image in images], max_new_tokens=24, use_tqdm=False)
+
+
+def _draw(engine, captions, cfg_scale, seeds, **kwargs):
+    results = engine.generate_images(captions, height=SIZE, width=SIZE, cfg_scale=cfg_scale, seed=list(seeds),
+                                     use_tqdm=False, **kwargs)
+    for result in results:
+        assert result.error is None, result.error
+        assert result.image.size == (SIZE, SIZE)
+    return results
+
+
+def _codes_of(engine, token_rows):
+    """(h, w) code grids from the visual-token ids (with end-of-line columns) the engine's VQ encoder gave."""
+    code_of = {token: code for code, token in enumerate(engine.token_ids.visual)}
+    grids = []
+    for ids in token_rows:
+        rows = np.asarray(ids).reshape(SIZE // 8, SIZE // 8 + 1)
+        assert (rows[:, -1] == engine.token_ids.eol).all()
+        grids.append([[code_of[int(t)] for t in row[:-1]] for row in rows])
+    return grids
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The world and the checkpoint as files (no engine)
+
+
+def test_world_follows_its_drawing_rules_and_the_classifier_reads_it_back():
+    fresh = shapes.samples(300, seed=4)
+    for sample in fresh:
+        assert shapes.MIN_SIDE <= sample.side <= shapes.MAX_SIDE
+        assert 0 <= sample.x0 and sample.x0 + sample.side < shapes.IMAGE_SIZE
+        assert 0 <= sample.y0 and sample.y0 + sample.side < shapes.IMAGE_SIZE
+        assert shapes.classify(sample.image()) == (sample.colour, sample.shape)
+    square = shapes.ShapeSample("square", "blue", 30, 5, 7)
+    pixels = np.asarray(square.image())
+    inside = (pixels == shapes.PALETTE["blue"]).all(-1)
+    assert inside.sum() == 31 * 31 and inside[7:38, 5:36].all()  # PIL's box is inclusive
+    assert ((pixels == 255).all(-1) | inside).all()  # no outline, no antialiasing: two colours only
+    assert shapes.samples(5, seed=3) == shapes.samples(5, seed=3)
+    assert len(set(shapes.all_captions())) == 18
+
+
+def test_shapes_checkpoint_ships_and_loads_in_transformers(tmp_path):
+    from transformers import Emu3Config, Emu3Processor
+
+    path = shapes_checkpoint()
+    size_mb = sum(f.stat().st_size for f in path.iterdir()) / 2**20
+    assert size_mb <= 25, size_mb
+    config = Emu3Config.from_pretrained(path)
+    processor = Emu3Processor.from_pretrained(path)
+    assert config.vq_config.codebook_size == len([t for t in config.vocabulary_map if t.startswith("<|visual token")])
+    # A 64x64 picture is an 8x8 grid of visual tokens.
+    inputs = processor.image_processor(images=[shapes.samples(1, seed=0)[0].image()], return_tensors="pt")
+    assert inputs["image_sizes"].tolist() == [[SIZE, SIZE]]
+    assert processor.chat_template
+
+    from emu3_vllm.cli import main
+
+    assert main(["make-checkpoint", str(tmp_path / "copy"), "--size", "shapes"]) == 0
+    assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == sorted(p.name for p in path.iterdir())
+    assert json.loads((tmp_path / "copy" / "emu3_vllm.json").read_text())["size"] == "shapes"
+
+
+def test_a_built_wheel_ships_the_checkpoint(tmp_path):
+    """A non-editable install has the checkpoint: it is package data of the wheel."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(shapes_checkpoint().parents[2])], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("emu3_vllm-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for file in shapes_checkpoint().iterdir():
+        assert f"emu3_vllm/assets/shapes/{file.name}" in names
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Seeing
+
+
+def test_understanding_answers_colour_and_shape(shapes_engine):
+    fresh = shapes.samples(60, seed=UNDERSTANDING_SEED)
+    images = [s.image() for s in fresh]
+    accuracy = {}
+    for question in (shapes.COLOUR_QUESTION, shapes.SHAPE_QUESTION, shapes.DESCRIBE_QUESTION):
+        answers = _ask(shapes_engine, images, question)
+        assert all(a.error is None for a in answers)
+        accuracy[question] = float(np.mean([a.strip() == s.answer(question) for a, s in zip(answers, fresh)]))
+    print(f"\nunderstanding accuracy on 60 fresh images: {json.dumps(accuracy)}")
+    assert accuracy[shapes.COLOUR_QUESTION] >= 0.9, accuracy
+    assert accuracy[shapes.SHAPE_QUESTION] >= 0.9, accuracy
+
+
+def test_vq_round_trip_keeps_the_picture_where_it_was(shapes_engine):
+    """The engine's VQ encoder, then the VQ decoder: PSNR >= 25 dB, and the shape stays put (nothing transposed
+    or flipped: the centroid moves less than 2 px)."""
+    fresh = shapes.samples(24, seed=VQ_SEED)
+    originals = [s.image() for s in fresh]
+    grids = _codes_of(shapes_engine, [shapes_engine.image_tokens([image])[0] for image in originals])
+    decoded = shapes_engine.decode_images(grids)
+    psnr = [shapes.psnr(a, b) for a, b in zip(originals, decoded)]
+    moved = [math.dist(shapes.mask_centroid(shapes.non_white_mask(a)), shapes.mask_centroid(shapes.non_white_mask(b)))
+             for a, b in zip(originals, decoded)]
+    print(f"\nVQ round trip: PSNR mean {np.mean(psnr):.2f} dB (min {min(psnr):.2f}), centroid shift max "
+          f"{max(moved):.2f} px")
+    assert np.mean(psnr) >= 25, psnr
+    assert max(moved) <= 2, moved
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Drawing
+
+
+def _accuracy(results, captions):
+    read = [shapes.classify(r.image) for r in results]
+    colour = float(np.mean([c == cap.split()[1] for (c, _), cap in zip(read, captions)]))
+    shape = float(np.mean([s == cap.split()[2] for (_, s), cap in zip(read, captions)]))
+    return colour, shape
+
+
+def test_drawings_follow_their_captions_and_guidance_helps(shapes_engine):
+    captions = shapes.all_captions() * len(GENERATION_SEEDS)
+    seeds = [base + i for base in GENERATION_SEEDS for i in range(18)]
+    by_scale = {scale: _accuracy(_draw(shapes_engine, captions, scale, seeds), captions) for scale in (1.0, 3.0)}
+    print(f"\ngeneration (18 captions x 2 seeds), (colour, shape) accuracy by CFG scale: {by_scale}")
+    colour, shape = by_scale[3.0]
+    assert colour >= 0.9 and shape >= 0.8, by_scale
+    assert by_scale[3.0][0] >= by_scale[1.0][0], by_scale
+
+
+def test_visual_chain_of_thought_reads_back_what_it_drew(shapes_engine):
+    """Stage 1 draws "a {colour} {shape}"; stage 2, asked the colour of the drawn picture, answers it."""
+    captions = shapes.all_captions()
+    drawn = _draw(shapes_engine, captions, 3.0, [VCOT_SEED + i for i in range(len(captions))])
+    answers = _ask(shapes_engine, [r.image for r in drawn], shapes.COLOUR_QUESTION)
+    accuracy = float(np.mean([a.strip() == cap.split()[1] for a, cap in zip(answers, captions)]))
+    print(f"\nvisual CoT colour accuracy: {accuracy:.3f}")
+    assert accuracy >= 0.8
+
+
+def test_the_demo_answers_right_and_draws_its_captions(shapes_engine, tmp_path):
+    """`emu3-vllm demo`, the README's first command, on the session's engine."""
+    import io
+
+    from emu3_vllm.demo import DEMO_CAPTIONS, run_demo
+
+    out = io.StringIO()
+    assert run_demo(tmp_path, engine=shapes_engine, stdout=out) == 0
+    records = [json.loads(line) for line in out.getvalue().splitlines()]
+    answers = [r for r in records if "question" in r]
+    drawn = [r for r in records if "prompt" in r]
+    assert len(answers) == 9 and {Path(r["image"]).name.split("_")[2] for r in answers} == {"circle.png", "square.png",
+                                                                                           "triangle.png"}
+    assert sum(r["answer"].strip() == r["expected"] for r in answers) >= 8, answers
+    assert [r["prompt"] for r in drawn] == list(DEMO_CAPTIONS)
+    assert all(Path(r["image"]).is_file() for r in drawn)
+    assert sum(r["read_back"] == r["prompt"] for r in drawn) >= 4, drawn
+    assert records[-1]["contact_sheet"] == str(tmp_path / "contact_sheet.png")
+    assert (tmp_path / "contact_sheet.png").stat().st_size > 10_000
+    assert shapes_engine.generate_images(["a red square"], height=SIZE, width=SIZE, use_tqdm=False)[0].error is None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parity with transformers on trained weights
+
+
+@pytest.fixture(scope="module")
+def hf_shapes():
+    import torch
+    from transformers import Emu3ForConditionalGeneration, Emu3Processor
+
+    path = shapes_checkpoint()
+    return Emu3ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval(), \
+        Emu3Processor.from_pretrained(path)
+
+
+def test_greedy_generation_matches_transformers(shapes_engine, hf_shapes):
+    from emu3_vllm.hf_reference import hf_generate_image_tokens
+    from emu3_vllm.layout import parse_image_tokens
+    from emu3_vllm.prompts import NEGATIVE_PROMPT, POSITIVE_SUFFIX
+
+    model, processor = hf_shapes
+    captions = ["a red circle", "a blue square", "a green triangle", "a yellow square"]
+    results = _draw(shapes_engine, captions, 3.0, range(len(captions)), temperature=0.0)
+    for caption, result in zip(captions, results):
+        cond, uncond = shapes_engine.image_generation_prompts(caption, 8, 8, NEGATIVE_PROMPT, POSITIVE_SUFFIX)
+        ref = hf_generate_image_tokens(model, processor.tokenizer, cond, uncond, 8, 8, 3.0, shapes_engine.token_ids)
+        assert parse_image_tokens(ref, 8, 8, shapes_engine.token_ids) == result.codes, caption
+        assert shapes.classify(result.image) == tuple(caption.split()[1:])
+
+
+def test_greedy_understanding_matches_transformers(shapes_engine, hf_shapes):
+    from emu3_vllm.hf_reference import hf_understand
+
+    model, processor = hf_shapes
+    fresh = shapes.samples(3, seed=UNDERSTANDING_SEED + 1)
+    items = [(q, [s.image()]) for s in fresh for q in shapes.QUESTIONS]
+    answers = shapes_engine.understand(items, max_new_tokens=24, use_tqdm=False)
+    eos = processor.tokenizer.eos_token_id
+    for (question, images), answer in zip(items, answers):
+        assert answer.error is None, answer.error
+        expected = hf_understand(model, processor, question, images, max_new_tokens=24)
+        assert _until_eos(answer.token_ids, eos) == _until_eos(expected, eos), question
+
+
+def _until_eos(ids, eos: int) -> list[int]:
+    ids = list(ids)
+    return ids[: ids.index(eos)] if eos in ids else ids
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# lmms-eval on a local shapes VQA task
+
+
+def test_lmms_eval_shapes_vqa_task(tmp_path):
+    pytest.importorskip("lmms_eval")
+    from test_lmms_eval import ENGINE_ARGS, TASK, UTILS, run_lmms_eval
+    from test_lmms_eval import _response as response
+
+    root = tmp_path / "tasks"
+    root.mkdir()
+    rows = []
+    for i, sample in enumerate(shapes.samples(20, seed=LMMS_SEED)):
+        path = root / f"{i}.png"
+        sample.image().save(path)
+        question = shapes.QUESTIONS[i % len(shapes.QUESTIONS)]
+        rows.append({"question": question, "images": [str(path)], "answer": sample.answer(question)})
+    (root / "utils.py").write_text(UTILS)
+    data = root / "shapes_vqa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "shapes_vqa.yaml").write_text(TASK.format(
+        name="shapes_vqa", data=data, output_type="generate_until", visual="doc_to_visual", text="doc_to_text",
+        metric="exact_match", gen_kwargs="  max_new_tokens: 24\n  do_sample: false\n  temperature: 0"))
+    args = f"pretrained={shapes_checkpoint()},mode=understanding,{ENGINE_ARGS}"
+    proc, results, samples = run_lmms_eval("emu3_vllm", args, "shapes_vqa", {"root": root}, tmp_path)
+    assert results is not None, proc.stdout[-3000:] + proc.stderr[-3000:]
+    exact_match = results["results"]["shapes_vqa"]["exact_match,none"]
+    print(f"\nlmms-eval shapes_vqa exact_match: {exact_match:.3f} "
+          f"({sum(response(s).strip() == rows[s['doc_id']]['answer'] for s in samples)}/{len(rows)})")
+    assert exact_match >= 0.9
