@@ -11,8 +11,12 @@ from pathlib import Path
 import pytest
 
 from conftest import USER_ENV, random_image
+from emu3_vllm import shapes
+from emu3_vllm.checkpoints import shapes_checkpoint
 
 pytest.importorskip("lmms_eval")
+
+SHAPES_VQA_SEED = 1003  # fresh pictures of the shapes world for the trained checkpoint's VQA task
 
 UTILS = '''
 import json
@@ -89,8 +93,17 @@ def tasks_dir(tmp_path_factory):
             {"question": "Which is taller?", "draw": "two towers", "images": [images[2]], "answer": "left"}]
     vcot_dp = [*vcot, {"question": "Is this broken?", "draw": "a crack", "images": [str(corrupt)], "answer": "no"},
                {"question": "What colour?", "draw": "a red ball", "images": [images[1]], "answer": "red"}]
+    # The shapes world's questions about fresh pictures, for the trained shapes checkpoint.
+    shapes_vqa = []
+    for i, sample in enumerate(shapes.samples(20, seed=SHAPES_VQA_SEED)):
+        path = root / f"shape{i}.png"
+        sample.image().save(path)
+        question = shapes.QUESTIONS[i % len(shapes.QUESTIONS)]
+        shapes_vqa.append({"question": question, "images": [str(path)], "answer": sample.answer(question)})
     (root / "utils.py").write_text(UTILS)
     specs = {
+        "shapes_vqa": (shapes_vqa, "generate_until", "doc_to_visual", "doc_to_text", "exact_match",
+                       "  max_new_tokens: 24\n  do_sample: false\n  temperature: 0"),
         "emu3_tiny_und": (und, "generate_until", "doc_to_visual", "doc_to_text", "exact_match",
                           "  max_new_tokens: 8\n  do_sample: false\n  temperature: 0"),
         "emu3_tiny_gen": (gen, "generate_until", "no_visual", "doc_to_text", "images_written",
@@ -105,7 +118,7 @@ def tasks_dir(tmp_path_factory):
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
         (root / f"{name}.yaml").write_text(TASK.format(name=name, data=data, output_type=output_type, visual=visual,
                                                        text=text, metric=metric, gen_kwargs=gen_kwargs))
-    return {"root": root, "und": und, "images": images, "vcot_dp": vcot_dp}
+    return {"root": root, "und": und, "images": images, "vcot_dp": vcot_dp, "shapes_vqa": shapes_vqa}
 
 
 ENGINE_ARGS = "dtype=float32,max_model_len=1024,enforce_eager=true"
@@ -113,6 +126,8 @@ ENGINE_ARGS = "dtype=float32,max_model_len=1024,enforce_eager=true"
 
 def run_lmms_eval(model: str, model_args: str, task: str, tasks_dir, out: Path, *extra: str,
                   launcher: tuple[str, ...] = (), env: dict | None = None):
+    """`python -m lmms_eval` offline on the local tasks: (process, results JSON or None, the first task's logged
+    samples). `task` may name several, comma-separated (`logged_samples` reads the others')."""
     env = {**USER_ENV, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
            "HF_DATASETS_CACHE": str(out / "hf_cache"), "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}
     cmd = [sys.executable, *launcher, "-m", "lmms_eval", "--model", model, "--model_args", model_args, "--tasks", task,
@@ -120,9 +135,13 @@ def run_lmms_eval(model: str, model_args: str, task: str, tasks_dir, out: Path, 
            "--log_samples", *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     results = glob.glob(str(out / "results" / "**" / "*_results.json"), recursive=True)
-    samples = glob.glob(str(out / "results" / "**" / f"*_samples_{task}.jsonl"), recursive=True)
     return proc, (json.loads(Path(results[0]).read_text()) if results else None), \
-        ([json.loads(line) for line in Path(samples[0]).read_text().splitlines()] if samples else [])
+        logged_samples(out, task.split(",")[0])
+
+
+def logged_samples(out: Path, task: str) -> list[dict]:
+    samples = glob.glob(str(out / "results" / "**" / f"*_samples_{task}.jsonl"), recursive=True)
+    return [json.loads(line) for line in Path(samples[0]).read_text().splitlines()] if samples else []
 
 
 def _response(sample) -> str:
@@ -132,21 +151,30 @@ def _response(sample) -> str:
     return resp
 
 
-def test_understanding_task_end_to_end_matches_the_offline_api(checkpoints, engine_factory, tasks_dir, tmp_path):
-    args = f"pretrained={checkpoints['a']},mode=understanding,max_new_tokens=8,{ENGINE_ARGS},fail_gracefully=true"
-    proc, results, samples = run_lmms_eval("emu3_vllm", args, "emu3_tiny_und", tasks_dir, tmp_path)
+def test_understanding_tasks_end_to_end_match_the_offline_api(shapes_engine, tasks_dir, tmp_path):
+    """One lmms-eval run of the trained shapes checkpoint on two tasks: answers equal `Emu3.understand`'s, a doc
+    whose image is corrupt fails alone, and the shapes questions about fresh pictures are answered right."""
+    from PIL import Image
+
+    args = f"pretrained={shapes_checkpoint()},mode=understanding,max_new_tokens=8,{ENGINE_ARGS},fail_gracefully=true"
+    proc, results, samples = run_lmms_eval("emu3_vllm", args, "emu3_tiny_und,shapes_vqa", tasks_dir, tmp_path)
     assert results is not None, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "exact_match,none" in results["results"]["emu3_tiny_und"]
     by_doc = {s["doc_id"]: _response(s) for s in samples}
     assert by_doc[2] == ""  # corrupt image: empty answer, run completed
     assert "emu3_tiny_und doc 2" in proc.stderr + proc.stdout
 
-    from PIL import Image
-
     und = tasks_dir["und"]
     items = [(d["question"], [Image.open(p).convert("RGB") for p in d["images"]]) for i, d in enumerate(und) if i != 2]
-    offline = engine_factory("a").understand(items, max_new_tokens=8, use_tqdm=False)
+    offline = shapes_engine.understand(items, max_new_tokens=8, use_tqdm=False)
     assert [by_doc[i].strip() for i in (0, 1, 3)] == [str(a).strip() for a in offline]
+
+    rows = tasks_dir["shapes_vqa"]
+    shapes_samples = logged_samples(tmp_path, "shapes_vqa")
+    exact_match = results["results"]["shapes_vqa"]["exact_match,none"]
+    right = sum(_response(s).strip() == rows[s["doc_id"]]["answer"] for s in shapes_samples)
+    print(f"\nlmms-eval shapes_vqa exact_match: {exact_match:.3f} ({right}/{len(rows)})")
+    assert len(shapes_samples) == len(rows) and exact_match >= 0.9
 
 
 def test_understanding_without_fail_gracefully_stops_naming_the_doc(checkpoints, tasks_dir, tmp_path):

@@ -2,7 +2,8 @@
 draws for the world's captions, each on samples drawn fresh from the world with the test's own seed.
 
 A bug that transformers would share (a transposed grid, swapped colour channels, guidance pushing the wrong way, a
-wrong negative-prompt convention) passes the parity tests on random weights; here it costs accuracy.
+wrong negative-prompt convention) passes the parity tests on random weights; here it costs accuracy. (lmms-eval on
+a shapes VQA task runs in tests/test_lmms_eval.py, with the other understanding task in one lmms-eval run.)
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from emu3_vllm.checkpoints import shapes_checkpoint
 
 UNDERSTANDING_SEED = 1001
 VQ_SEED = 1002
-LMMS_SEED = 1003
 GENERATION_SEEDS = (7000, 8000)  # caption i of the 18 is drawn with seeds 7000 + i and 8000 + i
 VCOT_SEED = 9000
 SIZE = 64
@@ -235,35 +235,3 @@ def test_greedy_understanding_matches_transformers(shapes_engine, hf_shapes):
 def _until_eos(ids, eos: int) -> list[int]:
     ids = list(ids)
     return ids[: ids.index(eos)] if eos in ids else ids
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# lmms-eval on a local shapes VQA task
-
-
-def test_lmms_eval_shapes_vqa_task(tmp_path):
-    pytest.importorskip("lmms_eval")
-    from test_lmms_eval import ENGINE_ARGS, TASK, UTILS, run_lmms_eval
-    from test_lmms_eval import _response as response
-
-    root = tmp_path / "tasks"
-    root.mkdir()
-    rows = []
-    for i, sample in enumerate(shapes.samples(20, seed=LMMS_SEED)):
-        path = root / f"{i}.png"
-        sample.image().save(path)
-        question = shapes.QUESTIONS[i % len(shapes.QUESTIONS)]
-        rows.append({"question": question, "images": [str(path)], "answer": sample.answer(question)})
-    (root / "utils.py").write_text(UTILS)
-    data = root / "shapes_vqa.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "shapes_vqa.yaml").write_text(TASK.format(
-        name="shapes_vqa", data=data, output_type="generate_until", visual="doc_to_visual", text="doc_to_text",
-        metric="exact_match", gen_kwargs="  max_new_tokens: 24\n  do_sample: false\n  temperature: 0"))
-    args = f"pretrained={shapes_checkpoint()},mode=understanding,{ENGINE_ARGS}"
-    proc, results, samples = run_lmms_eval("emu3_vllm", args, "shapes_vqa", {"root": root}, tmp_path)
-    assert results is not None, proc.stdout[-3000:] + proc.stderr[-3000:]
-    exact_match = results["results"]["shapes_vqa"]["exact_match,none"]
-    print(f"\nlmms-eval shapes_vqa exact_match: {exact_match:.3f} "
-          f"({sum(response(s).strip() == rows[s['doc_id']]['answer'] for s in samples)}/{len(rows)})")
-    assert exact_match >= 0.9
