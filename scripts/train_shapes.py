@@ -156,20 +156,25 @@ def cosine_lr(base: float, step: int, steps: int, warmup: int = 0) -> float:
     return base * scale * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
 
 
+def adam_steps(params, lr: float, steps: int, seed: int):
+    """Adam on the cosine schedule: yields (step, the run's random generator, the optimizer at the step's rate)."""
+    opt = torch.optim.Adam(params, lr)
+    rng = np.random.default_rng(seed)
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(lr, step, steps)
+        yield step, rng, opt
+
+
 def train_decoder(vq, pixels, codes, image_processor, *, crop_steps: int, full_steps: int, batch: int, lr: float,
                   seed: int, codebook: bool = True) -> float:
     """Decoder (and, with `codebook`, the codebook) learn to draw code grids: 32x32 crops aligned to the token
     grid, then whole images."""
     skip = ("encoder.", "quant_conv.") if codebook else ("encoder.", "quant_conv.", "quantize.")
-    params = [p for n, p in vq.named_parameters() if not n.startswith(skip)]
-    opt = torch.optim.Adam(params, lr)
-    rng = np.random.default_rng(seed)
     steps = crop_steps + full_steps
     vq.train()
     loss = torch.tensor(0.0)
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(lr, step, steps)
+    for step, rng, opt in adam_steps([p for n, p in vq.named_parameters() if not n.startswith(skip)], lr, steps, seed):
         idx = rng.integers(0, len(pixels), batch)
         if step < crop_steps:
             ox, oy = rng.integers(0, GRID - 3, batch), rng.integers(0, GRID - 3, batch)
@@ -197,13 +202,9 @@ def train_encoder(vq, pixels, codes, image_processor, *, steps: int, batch: int,
     vq.quantize.embedding.weight.requires_grad_(False)
     codebook = vq.quantize.embedding.weight
     params = [p for n, p in vq.named_parameters() if n.startswith(("encoder.", "quant_conv."))]
-    opt = torch.optim.Adam(params, lr)
-    rng = np.random.default_rng(seed)
     vq.train()
     loss = torch.tensor(0.0)
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(lr, step, steps)
+    for step, rng, opt in adam_steps(params, lr, steps, seed):
         idx = rng.integers(0, len(pixels), batch)
         z = encoder_latents(vq, normalise(pixels[idx], image_processor)).permute(0, 2, 3, 1).reshape(-1, codebook.shape[1])
         target = codes[idx].reshape(-1)
@@ -445,6 +446,9 @@ def main(argv=None) -> int:
     from transformers.models.emu3.modeling_emu3 import Emu3ForCausalLM, Emu3ImageVocabularyMapping, Emu3VQVAE
 
     torch.set_num_threads(args.threads)
+    # Bitwise repeatable: without this, threaded CPU kernels differ in the last bit between runs, and 900 steps
+    # of training carry that into the weights.
+    torch.use_deterministic_algorithms(True)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     clock = Clock()
