@@ -433,7 +433,7 @@ def main(argv=None) -> int:
     parser.add_argument("--decoder-full-steps", type=int, default=0)
     parser.add_argument("--encoder-steps", type=int, default=400)
     parser.add_argument("--decoder-tune-steps", type=int, default=600)
-    parser.add_argument("--text-steps", type=int, default=900)
+    parser.add_argument("--text-steps", type=int, default=1100)
     parser.add_argument("--vq-state", help="file keeping the trained VQ-VAE: loaded when it exists (to retrain only "
                         "the text decoder), written after training otherwise")
     parser.add_argument("--text-state", help="file keeping the trained text decoder (and the visual tokens it learned): "
@@ -477,11 +477,13 @@ def main(argv=None) -> int:
         saved = torch.load(vq_state)
         vq.load_state_dict(saved["vq"])
         vq_metrics = saved["metrics"]
+        clock.stages.update(saved["time"])  # what training it took, for the checkpoint's record
         log(f"VQ-VAE from {vq_state} (delete it to retrain)")
     else:
         vq_metrics = train_vq(vq, pixels, codes, protos, image_processor, mapping, samples, args, clock)
         if vq_state is not None:
-            torch.save({"vq": vq.state_dict(), "metrics": vq_metrics}, vq_state)
+            torch.save({"vq": vq.state_dict(), "metrics": vq_metrics,
+                        "time": {k: v for k, v in clock.stages.items() if k.startswith("vq ")}}, vq_state)
     psnr = round_trip_psnr(vq, image_processor, shapes.samples(64, seed=args.seed + 2))
     log(f"  VQ round trip on 64 fresh images: PSNR mean {psnr[0]:.2f} dB, min {psnr[1]:.2f} dB")
     vq_metrics["fresh_round_trip_psnr_db"] = {"mean": round(psnr[0], 2), "min": round(psnr[1], 2)}
