@@ -363,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 all items done, 1 some items failed, 2 usage or input error, 130 interrupted")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("make-checkpoint", help="write a random-weight Emu3 checkpoint")
+    p = sub.add_parser("make-checkpoint", help="write an Emu3 checkpoint: random weights (tiny, small, 8b) or the "
+                                               "trained shapes checkpoint (shapes)")
     p.add_argument("dir")
     p.add_argument("--size", choices=["tiny", "small", "8b", "shapes"], default="tiny",
                    help="shapes: copy the trained shapes checkpoint that ships with the package")
