@@ -23,11 +23,17 @@ def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
                           env=cli_env(), timeout=timeout)
 
 
+# A terminal's foreground job starts with Ctrl-C at its default action, whatever the test process inherited (a
+# SIGINT ignored here would be ignored by the CLI too, and Ctrl-C would then stop only its engine processes).
+_AS_A_FOREGROUND_JOB = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                        "sys.argv[0] = 'emu3-vllm'; runpy.run_module('emu3_vllm.cli', run_name='__main__')")
+
+
 def cli_process(*args: str, env: dict | None = None, **popen_kwargs) -> subprocess.Popen:
     """The CLI in its own process group, as a shell job is (so a test can signal the job as a terminal would);
     `env` adds to the user's environment."""
-    return subprocess.Popen([sys.executable, "-m", "emu3_vllm.cli", *map(str, args)], env={**cli_env(), **(env or {})},
-                            start_new_session=True, **popen_kwargs)
+    return subprocess.Popen([sys.executable, "-c", _AS_A_FOREGROUND_JOB, *map(str, args)],
+                            env={**cli_env(), **(env or {})}, start_new_session=True, **popen_kwargs)
 
 
 def manifest(out: Path) -> list[dict]:
