@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import threading
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -17,6 +18,7 @@ from .inputs import (GenerationDefaults, ImageLike, ItemError, UnderstandingItem
 from .prompts import DEFAULT_CFG_SCALE, DEFAULT_SYSTEM_PROMPT, NEGATIVE_PROMPT, POSITIVE_SUFFIX
 from .protocol import ImageSpec, PromptTokens, pair_prompts
 from .results import Answer, GeneratedImage
+from .settings import DEFAULT_SIDE, DEFAULT_TOP_K
 
 __all__ = ["Answer", "Emu3", "GeneratedImage", "ImageSpec", "ItemError", "UnderstandingItem"]
 
@@ -32,15 +34,21 @@ class Emu3:
     def __init__(self, model: str | os.PathLike, *, seed: int = 0, **engine_kwargs: Any):
         from transformers import Emu3Processor
 
-        from .engine import EngineLimits, check_model, start_llm
+        from .engine import EngineLimits, check_engine_kwargs, check_model, start_llm
         from .layout import ImageTokenIds
+        from .settings import EngineSeed, SettingsError, check_value
 
+        try:  # vLLM hands it to numpy's global seed, in the engine's worker, which dies of a bad one
+            seed = check_value(EngineSeed, seed, "seed")
+        except SettingsError as exc:
+            raise ValueError(str(exc)) from None
+        engine_kwargs = check_engine_kwargs(engine_kwargs)
         self.model = check_model(model)
         self.processor = Emu3Processor.from_pretrained(self.model)
         tokenizer = self.processor.tokenizer
         self.token_ids = ImageTokenIds.from_tokenizer(tokenizer)
         self.prompt_tokens = PromptTokens.from_tokenizer(tokenizer)
-        self._stream_open = False
+        self._stream_open = 0  # the thread id of the open iter_images() stream, 0 when none
         self._vq_decoder = None
         self.llm = None
         self.llm, self.uses_v2_runner = start_llm(self.model, seed=seed, **engine_kwargs)
@@ -72,7 +80,12 @@ class Emu3:
         """The running engine, or a clear error why a call cannot use it now."""
         if self.llm is None:
             raise RuntimeError("this Emu3 engine is closed; create a new Emu3(...) to run more work")
-        if self._stream_open:
+        owner = self._stream_open
+        if owner:
+            if owner != threading.get_ident():
+                raise RuntimeError("this Emu3 engine is busy with a generate_images()/iter_images() call from "
+                                   "another thread: an engine runs one call at a time (give each thread its own "
+                                   "Emu3, or send all prompts in one call)")
             raise RuntimeError("an iter_images() stream is still open on this engine: iterate it to the end or "
                                "close() it before the next call")
         return self.llm
@@ -160,12 +173,12 @@ class Emu3:
     def iter_images(
         self,
         prompts: Iterable[Any] | str,
-        height: int = 720,
-        width: int = 720,
+        height: int = DEFAULT_SIDE,
+        width: int = DEFAULT_SIDE,
         cfg_scale: float = DEFAULT_CFG_SCALE,
         negative_prompt: str = NEGATIVE_PROMPT,
         positive_suffix: str = POSITIVE_SUFFIX,
-        top_k: int = 2048,
+        top_k: int = DEFAULT_TOP_K,
         temperature: float = 1.0,
         seed: int | Sequence[int] | None = None,
         decode: bool = True,
@@ -208,22 +221,22 @@ class Emu3:
     def _guarded(self, stream: Iterator) -> Iterator:
         """`stream`, with this engine marked busy while it is open."""
         self._engine()  # another stream may have opened since this one was created
-        self._stream_open = True
+        self._stream_open = threading.get_ident()
         try:
             yield from stream
         finally:
             stream.close()
-            self._stream_open = False
+            self._stream_open = 0
 
     def generate_images(
         self,
         prompts: Iterable[Any] | str,
-        height: int = 720,
-        width: int = 720,
+        height: int = DEFAULT_SIDE,
+        width: int = DEFAULT_SIDE,
         cfg_scale: float = DEFAULT_CFG_SCALE,
         negative_prompt: str = NEGATIVE_PROMPT,
         positive_suffix: str = POSITIVE_SUFFIX,
-        top_k: int = 2048,
+        top_k: int = DEFAULT_TOP_K,
         temperature: float = 1.0,
         seed: int | Sequence[int] | None = None,
         decode: bool = True,

@@ -110,6 +110,53 @@ def emu3_engine_kwargs(engine_kwargs: dict[str, Any]) -> tuple[dict[str, Any], b
     return kwargs, v2
 
 
+def check_engine_kwargs(engine_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`vllm.LLM` keyword arguments checked against vLLM's own `EngineArgs` fields and their types, without
+    starting anything: a ValueError naming the argument for an unknown name or a value of the wrong type. The
+    engine seed must also fit numpy's global seed, which vLLM's worker sets (an engine dies of a bad one)."""
+    import dataclasses
+    import inspect
+    import sys
+
+    from pydantic import TypeAdapter, ValidationError
+    from vllm.engine.arg_utils import EngineArgs
+
+    from .settings import EngineSeed, SettingsError, check_value, show
+
+    from vllm import LLM
+
+    fields = {field.name: field for field in dataclasses.fields(EngineArgs)}
+    # `LLM` takes a few arguments of its own besides the engine's.
+    names = (fields.keys() | inspect.signature(LLM.__init__).parameters.keys()) - {"self", "model", "kwargs"}
+    checked = {}
+    for name, value in engine_kwargs.items():
+        if name not in names:
+            raise ValueError(f"{name}: not a vLLM engine argument (see vllm.EngineArgs)")
+        if name == "seed":
+            try:
+                checked[name] = check_value(EngineSeed, value, name)
+            except SettingsError as exc:
+                raise ValueError(str(exc)) from None
+            continue
+        if name not in fields:
+            checked[name] = value
+            continue
+        annotation = fields[name].type
+        try:
+            if isinstance(annotation, str):
+                annotation = eval(annotation, vars(sys.modules[EngineArgs.__module__]))  # noqa: S307 - vLLM's own
+            adapter = TypeAdapter(annotation)
+        except Exception:  # noqa: BLE001 - a type pydantic cannot express: vLLM checks it when the engine starts
+            checked[name] = value
+            continue
+        try:
+            adapter.validate_python(value)
+        except ValidationError as exc:
+            raise ValueError(f"{name}: {exc.errors(include_url=False)[0]['msg']}, got {show(value)}") from None
+        checked[name] = value
+    return checked
+
+
 def start_llm(model: str, *, seed: int = 0, **engine_kwargs: Any):
     """A `vllm.LLM` set up for Emu3 (see `emu3_engine_kwargs`), and whether it runs Model Runner V2."""
     from vllm import LLM
@@ -203,24 +250,38 @@ class EngineLimits:
                    pair_scheduler="PairAware" in name)
 
     def check_image(self, where: str, cond_len: int, uncond_len: int, num_tokens: int, height: int,
-                    width: int) -> None:
-        """An `ItemError` if a CFG pair with these prompt lengths can never run on this engine."""
+                    width: int, *, bare_len: int = 0) -> None:
+        """An `ItemError` if a CFG pair with these prompt lengths can never run on this engine, naming what to
+        change: `size` only when the image cannot fit even after prompts of `bare_len` tokens (a prompt with no
+        text: BOS and the image header), else the longer of `prompt` and `negative_prompt`."""
         from vllm.utils.math_utils import cdiv
 
-        longest = max(cond_len, uncond_len) + num_tokens
-        if longest > self.max_model_len:
-            # Blame the prompt when the image would fit after the (shared) negative prompt.
-            field = "prompt" if uncond_len + num_tokens <= self.max_model_len else "size"
-            raise ItemError(f"{where}: a {height}x{width} image needs {num_tokens} tokens after a "
-                            f"{max(cond_len, uncond_len)}-token prompt: {longest} positions, beyond the model's "
-                            f"max_model_len {self.max_model_len}", field)
-        blocks = cdiv(cond_len + num_tokens, self.block_size) + cdiv(uncond_len + num_tokens, self.block_size)
-        if self.kv_blocks is not None and blocks > self.kv_blocks:
-            raise ItemError(f"{where}: the image's two CFG halves need {blocks} KV blocks; the cache has "
-                            f"{self.kv_blocks} (raise the KV cache size)", "size")
+        def blocks(cond: int, uncond: int) -> int:
+            return cdiv(cond + num_tokens, self.block_size) + cdiv(uncond + num_tokens, self.block_size)
+
+        # The halves share the image; whichever prompt is longer is the one that does not fit.
+        longer = ("prompt", cond_len) if cond_len >= uncond_len else ("negative_prompt", uncond_len)
+        image = f"a {width}x{height} (width x height) image's {num_tokens} tokens"
+        if longer[1] + num_tokens > self.max_model_len:
+            if bare_len + num_tokens > self.max_model_len:
+                raise ItemError(f"{where}: size is too large for this server: {image} after a {bare_len}-token "
+                                f"header need {bare_len + num_tokens} positions, beyond max_model_len "
+                                f"{self.max_model_len}", "size")
+            raise ItemError(f"{where}: {longer[0]} is too long for this server: {longer[1]} prompt tokens and "
+                            f"{image} need {longer[1] + num_tokens} positions, beyond max_model_len "
+                            f"{self.max_model_len}", longer[0])
+        if self.kv_blocks is not None and blocks(cond_len, uncond_len) > self.kv_blocks:
+            if blocks(bare_len, bare_len) > self.kv_blocks:
+                raise ItemError(f"{where}: size is too large for this server: the two CFG halves of {image} need "
+                                f"{blocks(bare_len, bare_len)} KV blocks; the cache has {self.kv_blocks} (raise the "
+                                "KV cache size)", "size")
+            raise ItemError(f"{where}: {longer[0]} is too long for this server: with {image} the two CFG halves "
+                            f"need {blocks(cond_len, uncond_len)} KV blocks; the cache has {self.kv_blocks}",
+                            longer[0])
         if self.pair_scheduler and cond_len + uncond_len > self.max_batched_tokens:
-            raise ItemError(f"{where}: the two prompts ({cond_len + uncond_len} tokens) exceed "
-                            f"max_num_batched_tokens {self.max_batched_tokens}", "prompt")
+            raise ItemError(f"{where}: {longer[0]} is too long for this server: the two prompts "
+                            f"({cond_len + uncond_len} tokens) exceed max_num_batched_tokens "
+                            f"{self.max_batched_tokens}", longer[0])
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

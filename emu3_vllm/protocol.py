@@ -126,6 +126,16 @@ def validate_cfg_args(params) -> None:
         raise ValueError(f"{EXTRA_ARGS_KEY} lacks {sorted(missing)}")
     if args["role"] not in (COND, UNCOND):
         raise ValueError(f"{EXTRA_ARGS_KEY}.role must be 'cond' or 'uncond', got {args['role']!r}")
+    # The same bounds the front ends check: a value past them would overflow the worker's torch tensors.
+    from .settings import CfgScale, Seed, Side, SettingsError, Temperature, TopK, check_value
+
+    bounds = {"seed": Seed, "top_k": TopK, "scale": CfgScale, "temperature": Temperature, "h": Side, "w": Side}
+    for name, field_type in bounds.items():
+        if name in args:
+            try:
+                check_value(field_type, args[name], f"{EXTRA_ARGS_KEY}.{name}")
+            except SettingsError as exc:
+                raise ValueError(str(exc)) from None
 
 
 def pair_half(params, output_ids: list[int] | None = None) -> PairHalf | None:

@@ -185,9 +185,15 @@ def generate_on_ray(model: str | os.PathLike, prompts: Iterable[Any], out: str |
     over the same `out` skips the finished shards and refuses shards made with other settings unless
     `regenerate_changed`. See the module docstring for how replicas are placed.
     """
-    from .engine import check_model
+    from .engine import check_engine_kwargs, check_model
     from .inputs import GenerationDefaults
+    from .settings import Seed, SettingsError, check_value
 
+    try:  # before Ray starts anything: a replica would only die of it
+        check_value(Seed, seed, "seed")
+    except SettingsError as exc:
+        raise ValueError(str(exc)) from None
+    engine_kwargs = check_engine_kwargs(engine_kwargs or {})
     model = check_model(model)
     defaults = GenerationDefaults(height=height, width=width, cfg_scale=cfg_scale, negative_prompt=negative_prompt,
                                   positive_suffix=positive_suffix, top_k=top_k, temperature=temperature).checked()
@@ -195,4 +201,4 @@ def generate_on_ray(model: str | os.PathLike, prompts: Iterable[Any], out: str |
                    regenerate_changed=regenerate_changed, num_shards=num_shards, shard_index=shard_index)
     return run_on_ray(job, model, replicas=replicas, ray_address=ray_address,
                       tensor_parallel_size=tensor_parallel_size, cpus_per_replica=cpus_per_replica,
-                      engine_kwargs=engine_kwargs, engine_seed=seed, max_in_flight=max_in_flight, progress=progress)
+                      engine_kwargs=engine_kwargs, max_in_flight=max_in_flight, progress=progress)

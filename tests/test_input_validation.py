@@ -180,3 +180,52 @@ def test_lmms_eval_model_args_are_checked_by_name_before_an_engine_starts():
         Emu3VLLM(pretrained="/no/such/checkpoint", image_height=720.5)
     with pytest.raises(ValueError, match="model_arg fail_gracefully: expected true or false, got 'maybe'"):
         Emu3VLLM(pretrained="/no/such/checkpoint", fail_gracefully="maybe")
+
+
+def test_values_past_what_the_engine_holds_fail_their_item_and_the_engine_lives(engine_factory, checkpoints):
+    """top_k >= 2**63 used to kill the engine from inside the CFG step; an int64-overflowing seed broke the shard
+    writer; an 8x8 image failed in VQ decode after its tokens were drawn. Each is now refused where it enters."""
+    from emu3_vllm import Emu3
+
+    engine = engine_factory("a")
+    results = engine.generate_images(["good", {"prompt": "x", "seed": 2**63}, {"prompt": "y", "seed": 2**64 + 5},
+                                      {"prompt": "z", "height": 8, "width": 8}, {"prompt": "w", "seed": 1e20}],
+                                     height=16, width=16, seed=3, use_tqdm=False)
+    assert results[0].ok
+    assert results[1].error == "item 1: seed must be <= 9223372036854775807, got 9223372036854775808"
+    assert results[2].error.startswith("item 2: seed must be <= 9223372036854775807")
+    assert "item 3: size 8x8 is a single 8x8 token" in results[3].error
+    assert results[4].error == "item 4: seed must be <= 9223372036854775807, got 1e+20"
+    with pytest.raises(ValueError, match="top_k must be <= 2147483647, got 9223372036854775808"):
+        engine.generate_images(["x"], top_k=2**63, height=16, width=16, use_tqdm=False)
+    with pytest.raises(ValueError, match="indices: 5 appears more than once"):
+        list(engine.iter_images(["a", "b", "c"], indices=[5, 5, -2], height=16, width=16))
+    with pytest.raises(ValueError, match="seed must be >= 0, got -1"):
+        Emu3(checkpoints["a"], seed=-1)  # refused before an engine starts (vLLM's worker would die of it)
+    smallest = engine.generate_images([{"prompt": "x", "height": 8, "width": 16}], seed=1, use_tqdm=False)[0]
+    assert smallest.ok and smallest.image.size == (16, 8)
+    assert engine.llm.llm_engine.get_num_unfinished_requests() == 0
+    assert engine.generate_images(["the next call"], height=16, width=16, seed=3, use_tqdm=False)[0].ok
+
+
+def test_a_second_thread_is_told_the_engine_is_busy_and_the_first_call_finishes(engine_factory):
+    import threading
+
+    engine = engine_factory("a")
+    stream = engine.iter_images(["one", "two", "three"], height=16, width=16, seed=0)
+    first = next(stream)
+    errors = []
+
+    def other_thread():
+        try:
+            engine.generate_images(["from another thread"], height=16, width=16, use_tqdm=False)
+        except RuntimeError as exc:
+            errors.append(str(exc))
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    thread.join()
+    assert errors and "another thread" in errors[0] and "one call at a time" in errors[0], errors
+    rest = list(stream)
+    assert sorted([first[0]] + [i for i, _ in rest]) == [0, 1, 2] and all(r.ok for _, r in [first, *rest])
+    assert engine.llm.llm_engine.get_num_unfinished_requests() == 0

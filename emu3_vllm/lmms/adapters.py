@@ -20,6 +20,7 @@ from loguru import logger as eval_logger
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 
+from .. import settings
 from ..prompts import NEGATIVE_PROMPT
 from .torchrun import Launch
 
@@ -40,20 +41,31 @@ def _as_bool(value: Any, name: str) -> bool:
     raise ValueError(f"emu3_vllm model_arg {name}: expected true or false, got {value!r}")
 
 
-def _as_number(value: Any, name: str, kind: type = float):
-    """An int or float model_arg, or a ValueError naming it (lmms-eval passes numbers typed, the rest as text)."""
+def _as_number(value: Any, name: str, kind: type = float, bounds: Any = None):
+    """An int or float model_arg, or a ValueError naming it (lmms-eval passes numbers typed, the rest as text).
+    `bounds`, one of `emu3_vllm.settings`' field types, holds it to the range the offline API and server allow."""
+    from ..settings import SettingsError, check_value
+
     try:
         if isinstance(value, bool):
             raise ValueError
-        number = float(value)
-        if kind is int:
-            if not number.is_integer():
-                raise ValueError
-            return int(number)
-        return number
-    except (TypeError, ValueError):
+        if kind is int and isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            number = int(value)  # exact, however large: a float would round a 20-digit seed
+        else:
+            number = float(value)
+            if kind is int:
+                if not number.is_integer():
+                    raise ValueError
+                number = int(number)
+    except (TypeError, ValueError, OverflowError):
         expected = "an integer" if kind is int else "a number"
-        raise ValueError(f"emu3_vllm model_arg {name}: expected {expected}, got {value!r}") from None
+        raise ValueError(f"emu3_vllm model_arg {name}: expected {expected}, got {value!r:.60}") from None
+    if bounds is None:
+        return number
+    try:
+        return check_value(bounds, number, name)
+    except SettingsError as exc:
+        raise ValueError(f"emu3_vllm model_arg {exc}") from None
 
 
 def _engine_kwargs(tensor_parallel_size, device_map, gpu_memory_utilization, max_num_seqs, dtype, max_model_len,
@@ -166,11 +178,17 @@ class _Emu3Base(lmms):
         super().__init__()
         self.batch_size_per_gpu = _as_number(batch_size, "batch_size", int) if batch_size != "auto" else 1  # vLLM batches by itself; kept for lmms-eval's bookkeeping
         self.fail_gracefully = _as_bool(fail_gracefully, "fail_gracefully")
-        self.seed = _as_number(seed, "seed", int)
+        self.seed = _as_number(seed, "seed", int, settings.EngineSeed)
         for key in ("device", "max_batch_size"):
             kwargs.pop(key, None)  # lmms-eval's generic arguments; vLLM places the model itself
         self.engine_kwargs = _engine_kwargs(tensor_parallel_size, device_map, gpu_memory_utilization, max_num_seqs,
                                             dtype, max_model_len, enforce_eager, kwargs)
+        from ..engine import check_engine_kwargs
+
+        try:  # before lmms-eval loads its tasks, not at the first request
+            check_engine_kwargs(self.engine_kwargs)
+        except ValueError as exc:
+            raise ValueError(f"emu3_vllm model_arg {exc}") from None
         self.launch = Launch.from_env(
             self.engine_kwargs["tensor_parallel_size"],
             None if data_parallel_size is None else _as_number(data_parallel_size, "data_parallel_size", int))
@@ -250,13 +268,13 @@ class Emu3VLLM(_Emu3Base):
         self.mode = mode
         self.max_new_tokens = _as_number(max_new_tokens, "max_new_tokens", int)
         self.do_sample = _as_bool(do_sample, "do_sample")
-        self.temperature = _as_number(temperature, "temperature")
-        self.image_height = _as_number(image_height, "image_height", int)
-        self.image_width = _as_number(image_width, "image_width", int)
-        self.cfg_scale = _as_number(cfg_scale, "cfg_scale")
+        self.temperature = _as_number(temperature, "temperature", float, settings.Temperature)
+        self.image_height = _as_number(image_height, "image_height", int, settings.Side)
+        self.image_width = _as_number(image_width, "image_width", int, settings.Side)
+        self.cfg_scale = _as_number(cfg_scale, "cfg_scale", float, settings.CfgScale)
         self.negative_prompt = negative_prompt if negative_prompt is not None else NEGATIVE_PROMPT
         self.output_image_dir = Path(output_image_dir or "./logs/emu3_vllm_images")
-        self.top_k = _as_number(top_k, "top_k", int)
+        self.top_k = _as_number(top_k, "top_k", int, settings.TopK)
         self.pretrained = pretrained
         # Under torchrun every rank starts its engine now, together (vLLM's external launcher). Otherwise the
         # engine starts at the first request, after the requests' images are loaded: a task with broken inputs and
@@ -325,9 +343,9 @@ class Emu3VLLMVisualCoT(_Emu3Base):
         super().__init__(**kwargs)
         self.pretrained = pretrained
         self.gen_pretrained = gen_pretrained or "BAAI/Emu3-Gen-hf"
-        self.stage1 = dict(height=_as_number(stage1_image_height, "stage1_image_height", int),
-                           width=_as_number(stage1_image_width, "stage1_image_width", int),
-                           cfg_scale=_as_number(stage1_cfg_scale, "stage1_cfg_scale"),
+        self.stage1 = dict(height=_as_number(stage1_image_height, "stage1_image_height", int, settings.Side),
+                           width=_as_number(stage1_image_width, "stage1_image_width", int, settings.Side),
+                           cfg_scale=_as_number(stage1_cfg_scale, "stage1_cfg_scale", float, settings.CfgScale),
                            negative_prompt=stage1_negative_prompt if stage1_negative_prompt is not None
                            else NEGATIVE_PROMPT)
         # Emu3's image length is fixed by its size; stage1_max_new_tokens is accepted for compatibility only.
