@@ -18,6 +18,9 @@ import sys
 from pathlib import Path
 
 from .plugin import DIE_WITH_PARENT_ENV
+from .prompts import DEFAULT_CFG_SCALE
+from .settings import (DEFAULT_SIDE, DEFAULT_TOP_K, ENGINE_SEED_MAX, CfgScale, EngineSeed, Seed, Side, Temperature,
+                       TopK)
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -60,6 +63,25 @@ _positive_float = _float_above(0.0, inclusive=False)
 _non_negative_float = _float_above(0.0, inclusive=True)
 
 
+def _setting(field_type, kind: str = "integer"):
+    """An argparse type from one of `settings`' field types: the command line takes the same values, with the same
+    bounds, as a prompt file or an HTTP request."""
+    from . import settings
+
+    def parse(text: str):
+        try:
+            value = int(text) if kind == "integer" else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind == 'integer' else 'a number'}, got "
+                                             f"{settings.show(text)}") from None
+        try:
+            return settings.check_value(field_type, value, "value")
+        except settings.SettingsError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix("value ")) from None
+
+    return parse
+
+
 def _key_value(text: str):
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -93,9 +115,15 @@ def _results_stream():
 
 
 def _engine(args):
+    """The command's engine; engine arguments vLLM would refuse are a usage error, found before it starts."""
     from .api import Emu3
 
-    return Emu3(args.model, seed=args.seed, **_engine_kwargs(args))
+    # `generate`'s --seed is its images' base seed: images depend on their own seeds alone, never the engine's.
+    seed = 0 if args.command == "generate" else args.seed
+    try:
+        return Emu3(args.model, seed=seed, **_engine_kwargs(args))
+    except (ValueError, TypeError) as exc:  # raised while vLLM checks its configuration, before any process starts
+        raise UsageError(f"engine arguments: {str(exc).strip().splitlines()[0]}") from None
 
 
 def _engine_kwargs(args) -> dict:
@@ -107,7 +135,12 @@ def _engine_kwargs(args) -> dict:
             kwargs[name] = value
     if args.enforce_eager:
         kwargs["enforce_eager"] = True
-    return kwargs
+    from .engine import check_engine_kwargs
+
+    try:
+        return check_engine_kwargs(kwargs)
+    except ValueError as exc:
+        raise UsageError(f"--engine-arg {exc}") from None
 
 
 def _check_model(args) -> None:
@@ -203,16 +236,17 @@ def _generation_prompts(args) -> list:
 
 
 def cmd_generate(args) -> int:
-    from .image_folder import FolderJob, OutputError
+    from .image_folder import FolderJob, OutputError, WriteError
     from .inputs import GenerationDefaults
     from .prompts import NEGATIVE_PROMPT
 
+    shards = _shard_output(args)
     prompts = _generation_prompts(args)
     _check_model(args)
     defaults = GenerationDefaults(height=args.height, width=args.width, cfg_scale=args.cfg_scale,
                                   negative_prompt=args.negative_prompt if args.negative_prompt is not None
                                   else NEGATIVE_PROMPT, top_k=args.top_k, temperature=args.temperature)
-    if _shard_output(args):
+    if shards:
         return _generate_shards(args, prompts, defaults)
     try:
         job = FolderJob(args.out, args.model, prompts, defaults.checked(), args.seed,
@@ -232,18 +266,25 @@ def cmd_generate(args) -> int:
 
     code = EXIT_OK
     with _results_stream() as out:
-        if job.needs_engine:
-            engine = _engine(args)
-            try:
-                job.run(engine, max_in_flight=args.max_in_flight, progress=not args.no_progress, on_result=report)
-            except KeyboardInterrupt:
-                print("interrupted: the images in flight were aborted; every finished image is in the folder, and "
-                      "a re-run continues from there", file=sys.stderr)
-                code = EXIT_INTERRUPTED
-            finally:
-                engine.close()
-        else:
-            job.run(None, on_result=report)
+        try:
+            if job.needs_engine:
+                engine = _engine(args)
+                try:
+                    job.run(engine, max_in_flight=args.max_in_flight, progress=not args.no_progress,
+                            on_result=report)
+                except KeyboardInterrupt:
+                    print("interrupted: the images in flight were aborted; every finished image is in the folder, "
+                          "and a re-run continues from there", file=sys.stderr)
+                    code = EXIT_INTERRUPTED
+                finally:
+                    engine.close()
+            else:
+                job.run(None, on_result=report)
+        except WriteError as exc:  # disk full, say: the folder is consistent, so this is a stop, not a crash
+            job.stats["error"] = str(exc)
+            print(f"emu3-vllm generate: error: {exc}; every finished image is in the folder, and a re-run "
+                  "continues from there", file=sys.stderr)
+            code = EXIT_SOME_FAILED
         out.write(json.dumps(job.stats) + "\n")
     if code == EXIT_OK and job.stats["failed"]:
         print(f"{job.stats['failed']} of {len(prompts)} images failed (their manifest lines say why)",
@@ -262,23 +303,29 @@ def _shard_output(args) -> bool:
         raise UsageError(f"{scale_out[0]} writes webdataset shards; use --format webdataset")
     if (args.num_shards is None) != (args.shard_index is None):
         raise UsageError("give --num-shards and --shard-index together")
-    return args.format == "webdataset" or bool(scale_out)
+    # Options that would be silently ignored are refused: the user meant something this run would not do.
+    if args.cpus_per_replica is not None and args.replicas is None and args.ray_address is None:
+        raise UsageError("--cpus-per-replica sizes Ray replicas; give it with --replicas or --ray-address")
+    shards = args.format == "webdataset" or bool(scale_out)
+    if args.shard_size is not None and not shards:
+        raise UsageError("--shard-size cuts webdataset shards; add --format webdataset (a folder of PNGs has none)")
+    return shards
 
 
 def _generate_shards(args, prompts: list, defaults) -> int:
     """`generate` into webdataset shards: in this process, or on a Ray cluster with --replicas."""
     import importlib.util
 
-    from .image_folder import OutputError
-    from .shards import ShardJob
+    from .image_folder import OutputError, WriteError
+    from .shards import DEFAULT_SHARD_SIZE, ShardJob
 
     on_ray = args.replicas is not None or args.ray_address is not None
     if on_ray and importlib.util.find_spec("ray") is None:
         raise UsageError("--replicas runs on Ray, which is not installed: pip install 'emu3-vllm[ray]'")
     try:
-        job = ShardJob(args.out, args.model, prompts, defaults.checked(), args.seed, shard_size=args.shard_size,
-                       regenerate_changed=args.regenerate_changed, num_shards=args.num_shards or 1,
-                       shard_index=args.shard_index or 0)
+        job = ShardJob(args.out, args.model, prompts, defaults.checked(), args.seed,
+                       shard_size=args.shard_size or DEFAULT_SHARD_SIZE, regenerate_changed=args.regenerate_changed,
+                       num_shards=args.num_shards or 1, shard_index=args.shard_index or 0)
     except (OutputError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     plan = job.plan
@@ -301,7 +348,7 @@ def _generate_shards(args, prompts: list, defaults) -> int:
                 run_on_ray(job, args.model, replicas=args.replicas or 1, ray_address=args.ray_address,
                            tensor_parallel_size=args.tensor_parallel_size or 1,
                            cpus_per_replica=args.cpus_per_replica, engine_kwargs=_engine_kwargs(args),
-                           engine_seed=args.seed, max_in_flight=args.max_in_flight, progress=not args.no_progress)
+                           max_in_flight=args.max_in_flight, progress=not args.no_progress)
             elif job.needs_engine:
                 engine = _engine(args)
                 try:
@@ -317,6 +364,11 @@ def _generate_shards(args, prompts: list, defaults) -> int:
             code = EXIT_INTERRUPTED
         except ConnectionError as exc:  # no Ray cluster there: nothing has started
             raise UsageError(str(exc).splitlines()[0]) from None
+        except WriteError as exc:  # disk full, say: the folder is consistent, so this is a stop, not a crash
+            job.stats["error"] = str(exc)
+            print(f"emu3-vllm generate: error: {exc}; every finished shard is in the folder, and a re-run "
+                  "continues from there", file=sys.stderr)
+            code = EXIT_SOME_FAILED
         out.write(json.dumps(job.stats) + "\n")
     if code == EXIT_OK and job.stats["failed"]:
         print(f"{job.stats['failed']} of {job.stats['images']} images failed (their manifest rows say why)",
@@ -344,8 +396,10 @@ def cmd_demo(args) -> int:
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", default="auto", help="model dtype for vLLM (auto, bfloat16, float32, ...)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="auto", choices=["auto", "half", "float16", "bfloat16", "float", "float32"],
+                   help="model dtype for vLLM")
+    p.add_argument("--seed", type=_setting(EngineSeed), default=0,
+                   help=f"engine seed for sampled answers, 0 to {ENGINE_SEED_MAX}")
     p.add_argument("--max-model-len", dest="max_model_len", type=_positive_int)
     p.add_argument("--tensor-parallel-size", dest="tensor_parallel_size", type=_positive_int)
     p.add_argument("--gpu-memory-utilization", dest="gpu_memory_utilization", type=_positive_float)
@@ -392,10 +446,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help='a text file (one prompt a line), .jsonl ({"prompt": ..., "seed": ...} a line) or '
                              '.parquet (a prompt column, optional seed, height, width, cfg_scale, negative_prompt)')
     p.add_argument("--out", required=True, help="output folder; a re-run skips the images already there")
-    p.add_argument("--height", type=_positive_int, default=720)
-    p.add_argument("--width", type=_positive_int, default=720)
-    p.add_argument("--cfg-scale", dest="cfg_scale", type=_positive_float, default=3.0)
-    p.add_argument("--top-k", dest="top_k", type=int, default=2048)
+    p.add_argument("--height", type=_setting(Side), default=DEFAULT_SIDE)
+    p.add_argument("--width", type=_setting(Side), default=DEFAULT_SIDE)
+    p.add_argument("--cfg-scale", dest="cfg_scale", type=_setting(CfgScale, "number"), default=DEFAULT_CFG_SCALE)
+    p.add_argument("--top-k", dest="top_k", type=_setting(TopK), default=DEFAULT_TOP_K,
+                   help="sample among the k likeliest codes (0 or -1: all)")
     p.add_argument("--negative-prompt", dest="negative_prompt")
     p.add_argument("--max-in-flight", "--batch", dest="max_in_flight", type=_positive_int, default=None,
                    help="images submitted to the engine at once (default: the engine's max_num_seqs)")
@@ -406,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--format", choices=["folder", "webdataset"], default=None,
                        help="folder: PNGs + manifest.jsonl (default); webdataset: {shard:05d}.tar + .parquet + "
                             "_stats.json per shard (default with the options below)")
-    scale.add_argument("--shard-size", dest="shard_size", type=_positive_int, default=1000,
+    scale.add_argument("--shard-size", dest="shard_size", type=_positive_int, default=None,
                        help="images per shard, the unit of work and of resume (default 1000)")
     scale.add_argument("--replicas", type=_positive_int, help="data-parallel engines on a Ray cluster")
     scale.add_argument("--ray-address", dest="ray_address",
@@ -417,6 +472,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --shard-index: this process makes only the shards s with s %% S == i")
     scale.add_argument("--shard-index", dest="shard_index", type=int, metavar="I")
     _add_engine_args(p)
+    # Here --seed is the images' base seed (image i gets seed + i), any 64-bit integer; --temperature is the
+    # images' sampling temperature.
+    for action in p._actions:
+        if action.dest == "seed":
+            action.type, action.help = _setting(Seed), "image i gets seed + i (a 64-bit integer)"
+        elif action.dest == "temperature":
+            action.type = _setting(Temperature, "number")
     p.set_defaults(func=cmd_generate, temperature=1.0)
 
     # Handled by `serve.main` before this parser runs (every vllm serve flag passes through); listed for --help.

@@ -6,14 +6,20 @@ loses only the images in flight. A manifest line records everything that defines
 guidance scale, negative prompt, seed, top-k, temperature) and the PNG's size and sha256. A later run over the same
 folder skips an image only when its line matches the job's settings for that index and the file still matches its
 size and hash; it regenerates a file that does not match, and refuses to mix images made with other settings
-unless told to replace them.
+unless told to replace them. A folder holds one output format: one with webdataset shards is refused.
+
+A write that fails mid-run (disk full, a file-size limit, permissions) raises `WriteError` naming the file, after
+the writer removed its temporary file and cut back a manifest line it had only half appended: the folder is left as
+a kill would leave it, and a re-run continues from there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 import time
 from collections.abc import Mapping
@@ -26,6 +32,31 @@ MANIFEST = "manifest.jsonl"
 
 class OutputError(ValueError):
     """The output folder cannot be used; the message is one line."""
+
+
+class WriteError(OSError):
+    """Writing an output file failed during a run; `filename` is the file as the user knows it (not its temporary
+    name) and the message one line. An OSError, as the failure underneath was, so callers catching that still do."""
+
+    @classmethod
+    def of(cls, path: str | Path, exc: OSError) -> WriteError:
+        return cls(exc.errno, exc.strerror or str(exc), str(path))
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename}: {self.strerror}"
+
+
+# What `shards.ShardWriter` leaves in a folder (matched by name: this module cannot import that one).
+_SHARD_FILE = re.compile(r"\d{5,}(_stats\.json|\.tar|\.parquet)")
+
+
+def refuse_shards(out: Path) -> None:
+    """A folder of PNGs is never written into a folder of webdataset shards: neither resume rule would know the
+    other's files, and readers of either format would find a mixture."""
+    found = sorted(path.name for path in out.iterdir() if _SHARD_FILE.fullmatch(path.name))
+    if found:
+        raise OutputError(f"--out {out} holds webdataset shards ({found[0]}); use another --out for a folder of "
+                          "PNGs, or --format webdataset")
 
 
 def image_file(index: int) -> str:
@@ -69,15 +100,51 @@ class Plan:
         return f"{len(indices)} image(s) made with other {', '.join(fields)}: {shown}"
 
 
+_FROM_RESULT: Any = object()  # `ImageFolder.write`'s prompt when the caller gives none
+
+
 class ImageFolder:
     """The manifest and PNGs of one output folder; see the module docstring."""
 
     def __init__(self, out: str | Path, model: str):
         self.out = prepare_folder(out)
+        refuse_shards(self.out)
         self.model = model_identity(model)
         self.manifest_path = self.out / MANIFEST
         for stale in self.out.glob(".*.png.tmp*"):  # a run killed between writing and renaming
             stale.unlink(missing_ok=True)
+        self._heal_manifest()
+
+    def _heal_manifest(self) -> None:
+        """Give the manifest a whole last line. A run killed during an append leaves one without its newline, and
+        the next append would glue two records into a line no JSON reader accepts. A cut record is dropped (`records`
+        ignores it anyway, so the plan is unchanged and its image is made again); a record cut just before its newline
+        is whole, and only gets the newline."""
+        try:
+            with open(self.manifest_path, "r+b") as fh:
+                size = fh.seek(0, os.SEEK_END)
+                start = size
+                while start > 0:  # back to the last newline; one block is one line or more in practice
+                    block = min(start, 1 << 16)
+                    fh.seek(start - block)
+                    newline = fh.read(block).rfind(b"\n")
+                    if newline >= 0:
+                        start = start - block + newline + 1
+                        break
+                    start -= block
+                if start == size:
+                    return
+                fh.seek(start)
+                try:
+                    json.loads(fh.read().decode("utf-8"))
+                    fh.write(b"\n")
+                except ValueError:  # not JSON, or not UTF-8: a cut record
+                    fh.truncate(start)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise OutputError(f"{self.manifest_path}: cannot repair its cut last line ({exc.strerror or exc})") \
+                from exc
 
     def records(self) -> dict[int, dict]:
         """The latest manifest line of each index (a line cut short by a kill is ignored)."""
@@ -123,19 +190,25 @@ class ImageFolder:
         except OSError:
             return False
 
-    def write(self, index: int, result, prompt: Any = None) -> dict:
-        """Put one result in the folder (its PNG, then its manifest line); returns the manifest record."""
+    def write(self, index: int, result, prompt: Any = _FROM_RESULT) -> dict:
+        """Put one result in the folder (its PNG, then its manifest line); returns the manifest record. `prompt` is
+        what an item that never became a spec gave as its prompt (None for a missing or null one), recorded as is.
+        A failed write raises `WriteError`, leaving no temporary file and no partial line."""
         record: dict[str, Any] = {"index": index}
         if result.spec is not None:
             record.update(self._defining(result.spec))
         else:
-            record["prompt"] = result.prompt if prompt is None else prompt
+            record["prompt"] = result.prompt if prompt is _FROM_RESULT else prompt
         if result.error is None:
             name = image_file(index)
             data = _png_bytes(result.image)
             tmp = self.out / f".{name}.tmp{os.getpid()}"
-            tmp.write_bytes(data)
-            os.replace(tmp, self.out / name)
+            try:
+                tmp.write_bytes(data)
+                os.replace(tmp, self.out / name)
+            except OSError as exc:
+                tmp.unlink(missing_ok=True)
+                raise WriteError.of(self.out / name, exc) from exc
             record.update(file=name, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
         else:
             record["error"] = result.error
@@ -144,9 +217,31 @@ class ImageFolder:
             data = (line + "\n").encode("utf-8")
         except UnicodeEncodeError:  # a rejected prompt holding lone surrogates: keep it, \u-escaped
             data = (json.dumps(record, default=str) + "\n").encode("ascii")
-        with open(self.manifest_path, "ab") as fh:
-            fh.write(data)
+        try:
+            _append(self.manifest_path, data)
+        except OSError as exc:
+            raise WriteError.of(self.manifest_path, exc) from exc
         return record
+
+
+def _append(path: Path, data: bytes) -> None:
+    """Append `data` whole or not at all: a write that fails part-way (disk full) is cut back, so the next append
+    does not land on a partial line. Only a kill can leave one (see `ImageFolder._heal_manifest`)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError:
+            try:
+                os.ftruncate(fd, start)  # shrinking needs no space
+            except OSError:
+                pass  # the next run heals the line instead
+            raise
+    finally:
+        os.close(fd)
 
 
 def _png_bytes(image) -> bytes:
@@ -200,13 +295,17 @@ class FolderJob:
         return any(self.specs[i] is not None for i in self.todo)
 
     def run(self, engine, *, max_in_flight: int | None = None, progress: bool = True, on_result=None) -> dict:
-        """Generate what is left; each image lands in the folder the moment it is decoded. Returns the stats."""
+        """Generate what is left; each image lands in the folder the moment it is decoded. Returns the stats.
+
+        A failed write (`WriteError`) stops the run there: everything finished so far stays in the folder and in
+        `self.stats`."""
         from tqdm import tqdm
 
+        from .prompt_files import given_prompt
         from .results import GeneratedImage
 
         def keep(index: int, result) -> None:
-            self.folder.write(index, result, self.prompts[index])
+            self.folder.write(index, result, given_prompt(self.prompts[index]))
             self.stats["failed" if result.error else "written"] += 1
             if on_result is not None:
                 on_result(index, result)
@@ -221,9 +320,12 @@ class FolderJob:
 
         stream = StreamStats()
         try:
-            with tqdm(total=len(todo), desc="images", unit="img", dynamic_ncols=True, disable=not progress) as bar:
-                for index, result in engine.iter_images([self.specs[i] for i in todo], indices=todo,
-                                                        max_in_flight=max_in_flight, stats=stream):
+            # The stream is closed on any exit (a failed write included), so the images still in the engine are
+            # aborted now rather than whenever the generator is collected.
+            with tqdm(total=len(todo), desc="images", unit="img", dynamic_ncols=True, disable=not progress) as bar, \
+                    contextlib.closing(engine.iter_images([self.specs[i] for i in todo], indices=todo,
+                                                          max_in_flight=max_in_flight, stats=stream)) as images:
+                for index, result in images:
                     keep(index, result)
                     bar.update(1)
                     if self.stats["failed"]:

@@ -78,3 +78,10 @@ def read_parquet_prompts(path: Path) -> list[dict]:
         raise PromptFileError(f"{path}: unknown columns {unknown}; allowed: {['prompt', *OVERRIDES]}")
     return [{key: value for key, value in row.items() if key == "prompt" or value is not None}
             for row in table.to_pylist()]
+
+
+def given_prompt(item: Any) -> Any:
+    """The prompt an item gives, as given, for the record of an item that failed: a dict's "prompt" (None where it is
+    null or missing), any other item itself. Never the whole dict: a reader of the record's "prompt" field finds
+    the prompt there (a null prompt stays null, not the text of the item holding it)."""
+    return item.get("prompt") if isinstance(item, dict) else item

@@ -18,7 +18,11 @@ exist, its files still have the recorded sizes and hashes, and the job's setting
 recorded digest; it redoes every other shard whole. It refuses to mix images made with other settings (which
 fields differ is read from the parquet manifest) unless told to replace those shards. Images that failed inside a
 finished shard stay failed (their rows say why); a job whose inputs were fixed since is a changed job for those
-indices only if they had succeeded, so the shard is simply redone.
+indices only if they had succeeded, so the shard is simply redone. A folder holds one output format: one with a
+folder-of-PNGs `manifest.jsonl` is refused.
+
+A write that fails mid-run (disk full, a file-size limit, permissions) raises `image_folder.WriteError` naming the
+shard's file, after the shard's temporary files were removed: the folder is left as a kill would leave it.
 
 `ShardJob` plans a job (every item checked, before any engine starts) and generates its shards through one
 engine, its window spanning shard boundaries; `generate_shards` is the writing loop that the Ray replicas
@@ -27,6 +31,7 @@ engine, its window spanning shard boundaries; `generate_shards` is the writing l
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -40,13 +45,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .image_folder import ChangedSettingsError, OutputError, _png_bytes, _sha256, model_identity, prepare_folder
+from .image_folder import (
+    MANIFEST,
+    ChangedSettingsError,
+    OutputError,
+    WriteError,
+    _png_bytes,
+    _sha256,
+    model_identity,
+    prepare_folder,
+)
+from .prompt_files import given_prompt
 from .protocol import ImageSpec
 
 SHARD_FORMAT = "emu3_vllm-webdataset-1"
 DEFAULT_SHARD_SIZE = 1000
 
-# Manifest columns, typed so that a shard whose rows are all failures still has the full schema.
+# Manifest columns, typed so that a shard whose rows are all failures still has the full schema. int64 holds every
+# seed and top-k the settings allow (seeds are int64, negative ones included).
 MANIFEST_COLUMNS = (("key", "string"), ("index", "int64"), ("model", "string"), ("prompt", "string"),
                     ("height", "int64"), ("width", "int64"), ("cfg_scale", "float64"), ("seed", "int64"),
                     ("negative_prompt", "string"), ("positive_suffix", "string"), ("top_k", "int64"),
@@ -90,7 +106,7 @@ class ShardItem:
     """One index of a job: its spec, or why its input could not be turned into one."""
 
     index: int
-    prompt: str  # the prompt as text (an unreadable item's raw value as JSON)
+    prompt: str | None  # the prompt as text; for an unreadable item see `prompt_text`
     spec: ImageSpec | None
     error: str | None = None
 
@@ -109,7 +125,7 @@ class ShardItem:
         return row
 
     @classmethod
-    def from_row(cls, row: dict) -> "ShardItem":
+    def from_row(cls, row: dict) -> ShardItem:
         if row.get("error") is not None or row.get("h") is None:
             return cls(int(row["index"]), row["prompt"], None, row.get("error") or "no spec")
         spec = ImageSpec(prompt=row["prompt"], h=int(row["h"]), w=int(row["w"]), cfg_scale=float(row["cfg_scale"]),
@@ -119,10 +135,20 @@ class ShardItem:
         return cls(int(row["index"]), row["prompt"], spec)
 
 
-def prompt_text(prompt: Any) -> str:
-    if isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
-        return prompt["prompt"]
-    return prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False, default=str)
+def prompt_text(item: Any) -> str | None:
+    """An item's prompt for the manifest's string column: the text as given; None where the item's prompt is null or
+    missing (a JSON null in the tar's JSON, a null in the parquet); any other value as JSON text; text that is not
+    valid Unicode (lone surrogates, which no UTF-8 file holds) with those characters backslash-escaped."""
+    prompt = given_prompt(item)
+    if prompt is None:
+        return None
+    if not isinstance(prompt, str):
+        prompt = json.dumps(prompt, ensure_ascii=False, default=str)
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        prompt = prompt.encode("utf-8", "backslashreplace").decode("utf-8")
+    return prompt
 
 
 def records_digest(records: Iterable[dict]) -> str:
@@ -148,7 +174,8 @@ def _npy_bytes(codes) -> bytes:
 
 class ShardWriter:
     """One shard being written: the tar grows under a temporary name as images arrive; `finish` writes the parquet
-    manifest, renames both into place and writes the stats last."""
+    manifest and the stats under temporary names too, then renames them into place, the stats last. A write that
+    fails removes the shard's temporary files and raises `WriteError` naming the shard's file."""
 
     def __init__(self, out: Path, shard: int, items: list[ShardItem], model: str):
         self.out = Path(out)
@@ -160,10 +187,18 @@ class ShardWriter:
         self.started = time.time()
         self._token = uuid.uuid4().hex[:12]
         self._tar_tmp = self._tmp("tar")
-        self._tar = tarfile.open(self._tar_tmp, "w", format=tarfile.PAX_FORMAT)
+        try:
+            self._tar = tarfile.open(self._tar_tmp, "w", format=tarfile.PAX_FORMAT)  # noqa: SIM115 - open per shard
+        except OSError as exc:
+            self._tar_tmp.unlink(missing_ok=True)
+            raise WriteError.of(self._final("tar"), exc) from exc
 
     def _tmp(self, kind: str) -> Path:
         return self.out / f".{shard_name(self.shard)}.{kind}.{self._token}.tmp"
+
+    def _final(self, kind: str) -> Path:
+        return self.out / (f"{shard_name(self.shard)}_stats.json" if kind == "stats"
+                           else f"{shard_name(self.shard)}.{kind}")
 
     @property
     def complete(self) -> bool:
@@ -185,7 +220,8 @@ class ShardWriter:
             data = _png_bytes(result.image)
             row.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
             self._member(f"{row['key']}.png", data)
-        meta = {name: value for name, value in row.items() if value is not None or name == "error"}
+        # A null prompt (an item without one) is said as null, as the error is: both explain a failed item.
+        meta = {name: value for name, value in row.items() if value is not None or name in ("error", "prompt")}
         self._member(f"{row['key']}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
         if result.error is None and result.codes is not None:
             self._member(f"{row['key']}.codes.npy", _npy_bytes(result.codes))
@@ -199,7 +235,11 @@ class ShardWriter:
         info.size = len(data)
         info.mtime = int(time.time())
         info.mode = 0o644
-        self._tar.addfile(info, io.BytesIO(data))
+        try:
+            self._tar.addfile(info, io.BytesIO(data))
+        except OSError as exc:
+            self.discard()
+            raise WriteError.of(self._final("tar"), exc) from exc
 
     def finish(self, **extra) -> dict:
         """Write the manifest, move the files into place, then the stats (the done marker); returns the stats."""
@@ -207,37 +247,45 @@ class ShardWriter:
         if not self.complete:
             missing = sorted(set(self.items) - set(self.rows))
             raise ValueError(f"shard {self.shard} is missing items {missing[:8]}")
-        self._tar.close()
         rows = [self.rows[i] for i in sorted(self.rows)]
         schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in MANIFEST_COLUMNS])
-        table = pa.Table.from_pylist(rows, schema=schema)
-        parquet_tmp = self._tmp("parquet")
-        pq.write_table(table, parquet_tmp)
-        name = shard_name(self.shard)
-        files = {}
-        for kind, tmp in (("tar", self._tar_tmp), ("parquet", parquet_tmp)):
-            final = self.out / f"{name}.{kind}"
-            files[kind] = {"name": final.name, "bytes": tmp.stat().st_size, "sha256": _sha256(tmp)}
-            os.replace(tmp, final)
-        seconds = time.time() - self.started
-        successes = len(rows) - self.failed
-        stats = {"format": SHARD_FORMAT, "shard": self.shard, "first_index": rows[0]["index"],
-                 "last_index": rows[-1]["index"], "count": len(rows), "successes": successes, "failed": self.failed,
-                 "model": self.model, "records_sha256": self.digest, "files": files, "seconds": round(seconds, 3),
-                 "images_per_s": round(successes / seconds, 3) if seconds > 0 else None,
-                 "worker": f"{socket.gethostname()}:{os.getpid()}", **extra}
-        stats_tmp = self._tmp("stats")
-        stats_tmp.write_text(json.dumps(stats, indent=1, ensure_ascii=False))
-        os.replace(stats_tmp, self.out / f"{name}_stats.json")
+        kind = "tar"
+        try:
+            self._tar.close()
+            table = pa.Table.from_pylist(rows, schema=schema)
+            kind = "parquet"
+            pq.write_table(table, self._tmp("parquet"))
+            files = {part: {"name": self._final(part).name, "bytes": self._tmp(part).stat().st_size,
+                            "sha256": _sha256(self._tmp(part))} for part in ("tar", "parquet")}
+            seconds = time.time() - self.started
+            successes = len(rows) - self.failed
+            stats = {"format": SHARD_FORMAT, "shard": self.shard, "first_index": rows[0]["index"],
+                     "last_index": rows[-1]["index"], "count": len(rows), "successes": successes,
+                     "failed": self.failed, "model": self.model, "records_sha256": self.digest, "files": files,
+                     "seconds": round(seconds, 3),
+                     "images_per_s": round(successes / seconds, 3) if seconds > 0 else None,
+                     "worker": f"{socket.gethostname()}:{os.getpid()}", **extra}
+            kind = "stats"
+            self._tmp(kind).write_text(json.dumps(stats, indent=1, ensure_ascii=False))
+            # Every file is written before any is renamed: a full disk fails a write, never a rename, so it leaves
+            # no finished-looking tar or parquet without its stats.
+            for kind in ("tar", "parquet", "stats"):
+                os.replace(self._tmp(kind), self._final(kind))
+        except BaseException as exc:
+            self.discard()
+            if isinstance(exc, OSError) and not isinstance(exc, WriteError):
+                raise WriteError.of(self._final(kind), exc) from exc
+            raise
         return stats
 
     def discard(self) -> None:
-        """Drop what was written (the shard is redone whole by a later run)."""
-        try:
+        """Drop what was written (the shard is redone whole by a later run); safe to call again."""
+        # Closing writes the tar's end blocks, which fails on the full disk that brought us here; the file is closed
+        # all the same, and removed below.
+        with contextlib.suppress(OSError):
             self._tar.close()
-        finally:
-            for kind in ("tar", "parquet", "stats"):
-                self._tmp(kind).unlink(missing_ok=True)
+        for kind in ("tar", "parquet", "stats"):
+            self._tmp(kind).unlink(missing_ok=True)
 
 
 @dataclass
@@ -321,9 +369,11 @@ def generate_shards(engine, out: str | Path, model: str, shards: Iterable[tuple[
             for spec in feed.specs():
                 raise RuntimeError(f"{spec.prompt!r} needs an engine")
         else:
-            for index, result in engine.iter_images(feed.specs(), indices=feed.indices(),
-                                                    max_in_flight=max_in_flight, stats=StreamStats()):
-                keep(index, result)
+            # Closed on any exit (a failed write included), so the images still in the engine are aborted now.
+            with contextlib.closing(engine.iter_images(feed.specs(), indices=feed.indices(),
+                                                       max_in_flight=max_in_flight, stats=StreamStats())) as images:
+                for index, result in images:
+                    keep(index, result)
         if writers:
             raise RuntimeError(f"the stream ended with shards {sorted(writers)} unfinished")
     finally:
@@ -358,6 +408,9 @@ class ShardFolder:
 
     def __init__(self, out: str | Path, model: str):
         self.out = prepare_folder(out)
+        if (self.out / MANIFEST).exists():  # neither resume rule would know the other's files
+            raise OutputError(f"--out {self.out} holds a folder of PNGs ({MANIFEST}); use another --out for "
+                              "webdataset shards, or --format folder")
         self.model = model_identity(model)
 
     def stats(self, shard: int) -> dict | None:
@@ -472,7 +525,7 @@ class ShardJob:
         self.todo = sorted(self.plan.todo + list(self.plan.changed))
         for shard in self.todo:
             self.folder.clean(shard)
-        size = lambda shards: sum(len(self.ranges[s]) for s in shards)  # noqa: E731
+        size = lambda shards: sum(len(self.ranges[s]) for s in shards)
         self.stats = {"out": str(out), "format": "webdataset", "images": size(self.shards),
                       "skipped": size(self.plan.skipped), "written": 0, "failed": 0,
                       "regenerated": size(list(self.plan.changed) + self.plan.corrupt), "shards": len(self.shards),

@@ -55,6 +55,20 @@ def test_input_errors_exit_2_before_any_engine(checkpoints, prompt_files, tmp_pa
     assert proc.returncode == 2 and "--cfg-scale" in proc.stderr
     proc = cli(*gen)  # neither --prompt nor --prompts
     assert proc.returncode == 2 and "--prompt" in proc.stderr
+    # Engine settings that would kill the engine process once it started are refused before it starts.
+    for args, fragment in ((("understand", "--model", model, "--prompt", "x", "--seed", "-1"),
+                            "--seed: must be >= 0, got -1"),
+                           ((*gen, "--prompt", "x", "--seed", str(2**63)), "--seed: must be <= 9223372036854775807"),
+                           ((*gen, "--prompt", "x", "--top-k", str(2**63)), "--top-k: must be <= 2147483647"),
+                           ((*gen, "--prompt", "x", "--height", "8", "--width", "8"), "a single 8x8 token"),
+                           ((*gen, "--prompt", "x", "--dtype", "fp64"), "--dtype: invalid choice"),
+                           ((*gen, "--prompt", "x", "--engine-arg", "num_gpu_blocks_override=many"),
+                            "--engine-arg num_gpu_blocks_override: Input should be a valid integer"),
+                           ((*gen, "--prompt", "x", "--engine-arg", "no_such_option=1"),
+                            "no_such_option: not a vLLM engine argument")):
+        proc = cli(*args)
+        assert proc.returncode == 2 and fragment in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr and fragment in proc.stderr.strip().splitlines()[-1], proc.stderr
 
 
 def test_understand_prints_clean_json_lines_for_every_item_form(checkpoints, tmp_path):
