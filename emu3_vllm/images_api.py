@@ -14,59 +14,204 @@ is one CFG pair built by the request protocol (`protocol.pair_prompts` / `pair_s
 the engine client with the same `data_parallel_rank`, since vLLM's data-parallel balancer would otherwise place
 them one by one. Finished code grids are VQ-decoded in batches on a worker thread (`async_decode`).
 
-Every bad value gets a 400 in OpenAI's error shape naming its field; an image that fails in generation comes back
-in its place in `data` with an `error` saying why; a client that disconnects gets both halves of its images
-aborted.
+`ImagesRequest` is typed with the field types of `settings.ImageSettings`, so `/openapi.json` states the bounds the
+route enforces. The route reads and checks the body itself (`read_images_request`) instead of letting FastAPI do
+it: every bad value gets a 400 in OpenAI's error shape whose `param` is the field as the user wrote it and whose
+message is one line (FastAPI's validation would name `body.seed` and echo pydantic's dump, and a 5000-digit number
+would fail the JSON parse with no field at all). The OpenAPI entry is therefore declared by hand, with no 422. An
+image that fails in generation comes back in its place in `data` with an `error` saying why; a client that
+disconnects gets both halves of its images aborted.
+
+The plugin also puts two kinds of client error on vLLM's own routes into OpenAI's error shape: a media URL in a
+chat message that cannot be loaded (a `file://` URL the server may not read, an unreachable host) is a 400 rather
+than vLLM's 500 (`media_error_handler`), and a body FastAPI cannot parse is a 400 in the shape vLLM's routes
+declare rather than FastAPI's `{"detail": ...}` (`http_error_handler`).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route's parameter annotations as objects.
 import asyncio
+import importlib.util
+import json
 import logging
+import math
 import re
 import secrets
 import time
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .inputs import GenerationDefaults, ItemError, image_grid, image_spec, integer_value, number_value, text_value
-from .protocol import COND, UNCOND, ImageSpec, PairError, pair_codes, pair_prompts, pair_sampling_params
+from .inputs import GenerationDefaults, ItemError, image_spec
+from .layout import SPATIAL_FACTOR, pixels_to_tokens
+from .protocol import (COND, UNCOND, ImageSpec, PairError, bare_prompt, pair_codes, pair_prompts,
+                       pair_sampling_params)
+from .settings import (DEFAULT_SIDE, INT64_MAX, MAX_SIDE, MIN_TOKENS, CfgScale, ImageCount, Prompt, Seed,
+                       Temperature, Text, TopK, explain, show)
 
 logger = logging.getLogger("emu3_vllm")
 
 ROUTE = "/v1/images/generations"
-MAX_IMAGES = 10  # per request (`n`), as vllm-omni's images route allows
 WHERE = "request"
-_SIZE = re.compile(r"\s*([-+]?\d+)\s*[xX]\s*([-+]?\d+)\s*")
+SIZE_PATTERN = r"^\s*(auto|\d+\s*[xX]\s*\d+)\s*$"
+_SIZE = re.compile(r"\s*(?:auto|(\d+)\s*[xX]\s*(\d+))\s*")
+MAX_PARTIAL_IMAGES = 3  # OpenAI's bound
+# Prompt tokens the "auto" size leaves room for when a small max_model_len caps it.
+AUTO_PROMPT_TOKENS = 32
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The request and response models
+
+Size = Annotated[str, Field(strict=True, pattern=SIZE_PATTERN)]
+Name = Annotated[str, Field(strict=True)]
+Switch = Annotated[bool, Field(strict=True)]
+PartialImages = Annotated[int, Field(strict=True, ge=0, le=MAX_PARTIAL_IMAGES)]
+IGNORED = "OpenAI's; accepted and ignored"
 
 
 class ImagesRequest(BaseModel):
-    """Every field takes any JSON value: the handler checks each one, so a bad one is a 400 naming it rather than a
-    schema error (malformed JSON is still rejected by vLLM's request validation). Unknown fields are ignored, as on
-    vLLM's other routes."""
+    """The body of `POST /v1/images/generations`: OpenAI's Images API fields plus Emu3's (vllm-omni's names).
+
+    Emu3's fields reuse `settings`' types, so the schema carries the bounds that are enforced. OpenAI's newer
+    fields (`quality`, `style`, `output_format`, `background`, `output_compression`, `moderation`) are declared
+    loosely typed (any JSON value) and ignored: PNG is the only output. Any other unknown field is ignored too
+    (`extra="ignore"`), as on vLLM's own routes.
+    """
 
     model_config = ConfigDict(extra="ignore")
 
-    prompt: Any = None
-    model: Any = None
-    n: Any = None
-    size: Any = None
-    response_format: Any = None
-    user: Any = None
-    seed: Any = None
-    guidance_scale: Any = None
-    cfg_scale: Any = None  # alias of guidance_scale
-    negative_prompt: Any = None
-    top_k: Any = None
-    temperature: Any = None
+    prompt: Prompt = Field(description="What to draw (not blank).")
+    n: ImageCount | None = Field(None, description="Images to generate (default 1); image i gets seed `seed + i`.")
+    size: Size | None = Field(
+        None, description='"WIDTHxHEIGHT" in pixels, each side rounded to a multiple of 8 (at least 2 tokens of '
+                          f'8x8 pixels, at most {MAX_SIDE} per side), or "auto" (the default): the checkpoint\'s '
+                          "own square image area, capped to what this server's max_model_len and KV cache fit.")
+    response_format: Literal["b64_json"] | None = Field(None, description='Only "b64_json": images come inline.')
+    model: Name | None = Field(None, description="The served model name; must match the server's.")
+    seed: Seed | None = Field(None, description="Seed of the first image (drawn at random when left out).")
+    guidance_scale: CfgScale | None = Field(None, description="Classifier-free guidance scale (Emu3's 3.0).")
+    cfg_scale: CfgScale | None = Field(None, description="Another name for guidance_scale.")
+    negative_prompt: Text | None = Field(None, description="The unguided half's prompt (Emu3's own by default).")
+    top_k: TopK | None = Field(None, description="Top-k over the image codes; 0 or -1 for none (Emu3's 2048).")
+    temperature: Temperature | None = Field(None, description="Sampling temperature; 0 is greedy (default 1).")
+    stream: Switch | None = Field(None, description="Must be false or left out: streaming is not supported yet.")
+    partial_images: PartialImages | None = Field(None, description="Streaming only; not supported yet.")
+    user: Name | None = Field(None, description="OpenAI's end-user id; accepted and ignored.")
+    quality: Any = Field(None, description=IGNORED)
+    style: Any = Field(None, description=IGNORED)
+    output_format: Any = Field(None, description=IGNORED + " (the output is PNG)")
+    background: Any = Field(None, description=IGNORED)
+    output_compression: Any = Field(None, description=IGNORED)
+    moderation: Any = Field(None, description=IGNORED)
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = Field(description="The PNG, base64-encoded; null when this image failed.")
+    seed: int = Field(description="The image's seed: the same request with it gives the same pixels.")
+    error: str | None = Field(None, description="Why this image failed; present only then.")
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    size: str = Field(description='"WIDTHxHEIGHT" generated (each side a multiple of 8).')
+    output_format: Literal["png"]
+    data: list[ImageData]
+
+
+def request_schema() -> dict:
+    """`ImagesRequest`'s JSON schema as OpenAPI needs it: any `$defs` inlined (the OpenAPI document has no `$defs`
+    for them to point to)."""
+    schema = ImagesRequest.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def fix(node):
+        if isinstance(node, list):
+            return [fix(value) for value in node]
+        if not isinstance(node, dict):
+            return node
+        if isinstance(node.get("$ref"), str) and node["$ref"].startswith("#/$defs/"):
+            return fix(defs[node["$ref"].rsplit("/", 1)[1]])
+        return {key: fix(value) for key, value in node.items()}
+
+    return fix(schema)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # The request, checked without an engine
+
+
+_LONG_DIGITS = 300  # below a float's 309
+
+
+class _LongInt(int):
+    """A JSON integer too long for a float (JSON has no bound; Python's int() stops at 4300 digits): past every
+    field's bound, converts to an infinite float, and is quoted by its length."""
+
+    digits: int
+
+    def __new__(cls, text: str):
+        negative = text.startswith("-")
+        value = super().__new__(cls, -(10**_LONG_DIGITS) if negative else 10**_LONG_DIGITS)
+        value.digits = len(text) - negative
+        return value
+
+    def __float__(self) -> float:
+        return -math.inf if self < 0 else math.inf
+
+    def __repr__(self) -> str:
+        return f"an integer of {self.digits} digits"
+
+
+def _parse_int(text: str) -> int:
+    return int(text) if len(text) <= _LONG_DIGITS else _LongInt(text)
+
+
+_TYPE_ERRORS = {"string_type": "must be a string", "bool_type": "must be true or false",
+                "int_type": "must be an integer", "int_from_float": "must be an integer",
+                "int_parsing": "must be an integer"}
+
+
+def _request_error(exc: ValidationError, values: dict) -> ItemError:
+    """The first problem of a request's validation as one line naming the field, quoting the value as sent."""
+    first = exc.errors(include_url=False)[0]
+    field = str(first["loc"][0]) if first["loc"] else None
+    value = values.get(field)
+    if field == "size":
+        return ItemError(f'size must be "WIDTHxHEIGHT" in pixels (such as "512x512") or "auto", got '
+                         f"{show(value)}", field)
+    if field == "response_format":
+        if value == "url":
+            return ItemError('response_format "url" is not supported: this server returns images inline; use '
+                             '"b64_json"', field)
+        return ItemError(f'response_format must be "b64_json", got {show(value)}', field)
+    if first["type"] in _TYPE_ERRORS:
+        return ItemError(f"{field} {_TYPE_ERRORS[first['type']]}, got {show(value)}", field)
+    message, got, _ = str(explain(exc)).partition(", got ")
+    # The value as the user sent it (1e300, not its 301 digits), where settings quote the converted one.
+    return ItemError(message + (f", got {show(value)}" if got and field in values else ""), field)
+
+
+def read_images_request(body: bytes) -> ImagesRequest:
+    """The request in a raw body, or an `ItemError` naming the field (None when the body as a whole is wrong).
+
+    JSON is parsed here rather than by pydantic so that NaN reaches the field that refuses it and an integer of
+    any length reaches its field's bound."""
+    try:
+        values = json.loads(body, parse_int=_parse_int)
+    except RecursionError:
+        raise ItemError("the request body is nested too deeply", None) from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ItemError(f"the request body is not valid JSON: {str(exc)[:120]}", None) from None
+    if not isinstance(values, dict):
+        raise ItemError(f"the request body must be a JSON object, got {type(values).__name__} {show(values)}", None)
+    try:
+        return ImagesRequest.model_validate(values)
+    except ValidationError as exc:
+        raise _request_error(exc, values) from None
 
 
 @dataclass(frozen=True)
@@ -75,62 +220,95 @@ class ImagesCall:
     size: str  # "WxH" actually generated (each side rounded to a multiple of 8)
 
 
-def parse_size(value: Any) -> tuple[int, int]:
-    """(height, width) in pixels from OpenAI's "WIDTHxHEIGHT"; "auto" or None is Emu3's default 720x720."""
-    defaults = GenerationDefaults()
-    if value is None or value == "auto":
-        return defaults.height, defaults.width
+def parse_size(value: Any, auto: tuple[int, int] = (DEFAULT_SIDE, DEFAULT_SIDE)) -> tuple[int, int]:
+    """(height, width) in pixels from OpenAI's "WIDTHxHEIGHT"; "auto" or None is `auto` (height, width)."""
+    if value is None:
+        return auto
     match = _SIZE.fullmatch(value) if isinstance(value, str) else None
     if match is None:
-        raise ItemError(f"{WHERE}: size must be \"WIDTHxHEIGHT\" in pixels, such as \"720x720\", got "
-                        f"{value!r:.60}", "size")
-    width, height = int(match[1]), int(match[2])
-    if width <= 0 or height <= 0:
-        raise ItemError(f"{WHERE}: size must be positive on both sides, got {value!r:.60}", "size")
-    try:
-        image_grid(height, width, WHERE)
-    except ItemError as exc:
-        raise ItemError(str(exc), "size") from exc
+        raise ItemError(f'size must be "WIDTHxHEIGHT" in pixels (such as "512x512") or "auto", got {show(value)}',
+                        "size")
+    if match[1] is None:
+        return auto
+    # Digits past 9 are a size no engine holds; int() of thousands of them would be slow or refused.
+    width, height = (int(text) if len(text) <= 9 else MAX_SIDE + 1 for text in (match[1], match[2]))
+    if max(width, height) > MAX_SIDE:
+        raise ItemError(f"size {show(value)}: each side must be at most {MAX_SIDE} pixels", "size")
+    if min(pixels_to_tokens(width), pixels_to_tokens(height)) < 1:
+        raise ItemError(f"size {show(value)}: each side must be at least {SPATIAL_FACTOR // 2} pixels (rounded to a "
+                        f"multiple of {SPATIAL_FACTOR})", "size")
+    if pixels_to_tokens(width) * pixels_to_tokens(height) < MIN_TOKENS:
+        raise ItemError(f"size {show(value)} is a single {SPATIAL_FACTOR}x{SPATIAL_FACTOR}-pixel token; an image "
+                        f"needs at least {MIN_TOKENS} (the smallest sizes are {SPATIAL_FACTOR}x{2 * SPATIAL_FACTOR} "
+                        f"and {2 * SPATIAL_FACTOR}x{SPATIAL_FACTOR})", "size")
     return height, width
 
 
-def parse_images_request(body: ImagesRequest, *, max_images: int = MAX_IMAGES,
+def parse_images_request(request: ImagesRequest, *, auto_size: tuple[int, int] = (DEFAULT_SIDE, DEFAULT_SIDE),
                          draw_seed=lambda: secrets.randbits(31)) -> ImagesCall:
-    """The image specs a request asks for, or an `ItemError` whose `field` is the offending request field."""
-    if body.prompt is None:
-        raise ItemError(f"{WHERE}: prompt is required", "prompt")
-    prompt = text_value(body.prompt, "prompt", WHERE)
-    n = 1 if body.n is None else integer_value(body.n, "n", WHERE, minimum=1)
-    if n > max_images:
-        raise ItemError(f"{WHERE}: n must be at most {max_images}, got {n}", "n")
-    if body.response_format not in (None, "b64_json"):
-        if body.response_format == "url":
-            raise ItemError(f"{WHERE}: response_format \"url\" is not supported: this server returns images "
-                            "inline; use \"b64_json\"", "response_format")
-        raise ItemError(f"{WHERE}: response_format must be \"b64_json\", got {body.response_format!r:.60}",
-                        "response_format")
-    height, width = parse_size(body.size)
+    """The image specs a validated request asks for, or an `ItemError` whose `field` is the request's field.
+
+    `auto_size` is (height, width) for `size` "auto" or left out."""
+    if request.stream:
+        raise ItemError("stream is not supported yet: send stream false or leave it out", "stream")
+    if request.partial_images is not None:
+        raise ItemError("partial_images needs stream, which is not supported yet", "partial_images")
+    height, width = parse_size(request.size, auto_size)
     defaults = GenerationDefaults()
-    scale = defaults.cfg_scale
-    for field in ("guidance_scale", "cfg_scale"):
-        value = getattr(body, field)
-        if value is not None:
-            value = number_value(value, field, WHERE, positive=True)
-            if field == "cfg_scale" and body.guidance_scale is not None and value != scale:
-                raise ItemError(f"{WHERE}: cfg_scale is another name for guidance_scale; give one of them",
-                                "cfg_scale")
-            scale = value
-    negative = defaults.negative_prompt if body.negative_prompt is None else text_value(
-        body.negative_prompt, "negative_prompt", WHERE, allow_empty=True)
-    top_k = defaults.top_k if body.top_k is None else integer_value(body.top_k, "top_k", WHERE)
-    temperature = defaults.temperature if body.temperature is None else number_value(
-        body.temperature, "temperature", WHERE, minimum=0.0)
-    seed = draw_seed() if body.seed is None else integer_value(body.seed, "seed", WHERE)
+    scale = defaults.cfg_scale if request.guidance_scale is None else request.guidance_scale
+    if request.cfg_scale is not None:
+        if request.guidance_scale is not None and request.cfg_scale != request.guidance_scale:
+            raise ItemError("cfg_scale is another name for guidance_scale; give one of them", "cfg_scale")
+        scale = request.cfg_scale
+    n = 1 if request.n is None else request.n
+    seed = draw_seed() if request.seed is None else request.seed
+    if seed + n - 1 > INT64_MAX:
+        raise ItemError(f"seed must be <= {INT64_MAX - n + 1} for n {n} (image i gets seed + i, at most "
+                        f"{INT64_MAX}), got {seed}", "seed")
+    settings = replace(defaults, height=height, width=width, cfg_scale=scale, negative_prompt=defaults.negative_prompt
+                       if request.negative_prompt is None else request.negative_prompt,
+                       top_k=defaults.top_k if request.top_k is None else request.top_k,
+                       temperature=defaults.temperature if request.temperature is None else request.temperature)
     # The offline API's own spec builder, so a request and `generate_images` with the same values agree.
-    settings = replace(defaults, height=height, width=width, cfg_scale=scale, negative_prompt=negative,
-                       top_k=top_k, temperature=temperature)
-    specs = [image_spec(prompt, where=f"image {i}", defaults=settings, seed=seed + i) for i in range(n)]
-    return ImagesCall(specs=specs, size=f"{specs[0].width}x{specs[0].height}")
+    try:
+        first = image_spec(request.prompt, where=WHERE, defaults=settings, seed=seed)
+    except ItemError as exc:  # the request was validated with the same types: a guard, not a path
+        field = "size" if exc.field in ("height", "width") else exc.field
+        raise ItemError(str(exc).removeprefix(f"{WHERE}: "), field) from None
+    specs = [replace(first, seed=seed + i) for i in range(n)]
+    return ImagesCall(specs=specs, size=f"{first.width}x{first.height}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The default size
+
+
+def checkpoint_image_area(folder: str | Path) -> int:
+    """The pixel area a checkpoint generates by default: `image_area` from its emu3_vllm.json (the checkpoints
+    `make_random_checkpoint` writes), config.json (BAAI's original Emu3 configs) or processor config, else the
+    default of transformers' `Emu3Processor` (518,400: 720x720)."""
+    from transformers.models.emu3.processing_emu3 import Emu3ProcessorKwargs
+
+    folder = Path(folder)
+    for name in ("emu3_vllm.json", "config.json", "processor_config.json", "preprocessor_config.json"):
+        try:
+            config = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue
+        for section in (config, config.get("image_processor"), config.get("images_kwargs")):
+            area = section.get("image_area") if isinstance(section, dict) else None
+            if isinstance(area, int) and not isinstance(area, bool) and area > 0:
+                return area
+    return Emu3ProcessorKwargs._defaults["images_kwargs"]["image_area"]
+
+
+def auto_side(area: int, fits) -> int:
+    """The side of the largest square of at most `area` pixels (as transformers' Emu3Processor rounds it, to a
+    multiple of 8) for which `fits(side)`; the smallest image square (16) when none does."""
+    side = max(2, min(round(math.sqrt(area) / SPATIAL_FACTOR), MAX_SIDE // SPATIAL_FACTOR)) * SPATIAL_FACTOR
+    while side > 2 * SPATIAL_FACTOR and not fits(side):
+        side -= SPATIAL_FACTOR
+    return side
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -216,10 +394,10 @@ async def all_or_none(coroutines) -> list:
 
 
 def error_response(message: str, field: str | None, status: int = 400):
+    from http import HTTPStatus
+
     from fastapi.responses import JSONResponse
     from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
-
-    from http import HTTPStatus
 
     kind = {400: "BadRequestError", 404: "NotFoundError"}.get(status, "InternalServerError")
     error = create_error_response(message, err_type=kind, status_code=HTTPStatus(status), param=field)
@@ -271,6 +449,11 @@ class ImagesService:
         self.limits = replace(limits, kv_blocks=limits.kv_blocks // engines if limits.kv_blocks else limits.kv_blocks)
         self.ranks = RankChooser(engines, lambda: _coordinator_counts(engine_client))
         checkpoint = _local_checkpoint(model.model, model.revision)
+        area = checkpoint_image_area(checkpoint)
+        side = auto_side(area, self._auto_fits)
+        self.auto_size = (side, side)
+        logger.info("images: size \"auto\" is %dx%d (the checkpoint's image area is %d pixels; max_model_len %d, "
+                    "%s KV blocks)", side, side, area, self.limits.max_model_len, self.limits.kv_blocks)
         # torch's own thread count, as in the offline API: a CPU decode's pixels depend on how many threads sum
         # its convolutions, and an image must equal the offline one to the pixel.
         self.decoder = AsyncDecoder(VQDecoder(checkpoint).decode)
@@ -278,16 +461,35 @@ class ImagesService:
             logger.warning("scheduler %s is not emu3_vllm's pair-aware scheduler: CFG pairs may fall out of lockstep "
                            "(such images fail with an error)", config.scheduler_config.scheduler_cls)
 
-    async def create(self, request) -> Any:
+    def _prompt_lengths(self, spec: ImageSpec) -> tuple[int, int, int]:
+        """Tokens of the pair's prompts, and of a prompt with no text (BOS and the image header)."""
+        cond, uncond = pair_prompts(spec, self.tokens)
+        return len(self._encode(cond)), len(self._encode(uncond)), len(self._encode(bare_prompt(spec, self.tokens)))
+
+    def _auto_fits(self, side: int) -> bool:
+        """Whether a side x side image fits this server with Emu3's negative prompt and a short prompt."""
+        spec = image_spec("-", where=WHERE, defaults=GenerationDefaults(height=side, width=side), seed=0)
+        cond_len, uncond_len, bare_len = self._prompt_lengths(spec)
+        try:
+            self.limits.check_image(WHERE, cond_len + AUTO_PROMPT_TOKENS, uncond_len, spec.num_tokens, side, side,
+                                    bare_len=bare_len)
+        except ItemError:
+            return False
+        return True
+
+    async def create(self, body: bytes) -> Any:
         from fastapi.responses import JSONResponse
 
-        if request.model is not None and not (isinstance(request.model, str) and
-                                              self.served_models.is_base_model(request.model)):
-            names = ", ".join(m.name for m in self.served_models.base_model_paths)
-            return error_response(f"The model `{request.model}` does not exist. Valid aliases: {names}.", "model",
-                                  404)
         try:
-            call = parse_images_request(request)
+            request = read_images_request(body)
+        except ItemError as exc:
+            return error_response(str(exc), exc.field)
+        if request.model is not None and not self.served_models.is_base_model(request.model):
+            names = ", ".join(m.name for m in self.served_models.base_model_paths)
+            return error_response(f"The model `{show(request.model)[1:-1]}` does not exist. Valid aliases: {names}.",
+                                  "model", 404)
+        try:
+            call = parse_images_request(request, auto_size=self.auto_size)
             await self._check_fits(call.specs[0])
         except ItemError as exc:
             return error_response(str(exc).removeprefix(f"{WHERE}: "), exc.field)
@@ -298,9 +500,9 @@ class ImagesService:
                                      "data": data})
 
     async def _check_fits(self, spec: ImageSpec) -> None:
-        cond, uncond = pair_prompts(spec, self.tokens)
-        cond_len, uncond_len = await asyncio.to_thread(lambda: (len(self._encode(cond)), len(self._encode(uncond))))
-        self.limits.check_image(WHERE, cond_len, uncond_len, spec.num_tokens, spec.height, spec.width)
+        cond_len, uncond_len, bare_len = await asyncio.to_thread(self._prompt_lengths, spec)
+        self.limits.check_image(WHERE, cond_len, uncond_len, spec.num_tokens, spec.height, spec.width,
+                                bare_len=bare_len)
 
     async def _image(self, index: int, spec: ImageSpec, pair_id: str) -> dict:
         """`data[index]`: the image, or why it failed."""
@@ -321,7 +523,6 @@ class ImagesService:
             entry["error"] = f"image {index}: generation failed: {type(exc).__name__}: {exc}"
         logger.warning("%s %s", pair_id, entry["error"])
         return entry
-
     async def _pair(self, spec: ImageSpec, pair_id: str) -> list[list[int]]:
         """Both halves of one image on one engine; whatever stops this early aborts the halves still running."""
         from vllm.sampling_params import RequestOutputKind
@@ -352,6 +553,69 @@ class ImagesService:
         finished[request_id] = list(last.outputs[0].token_ids)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Media URLs on vLLM's chat route
+
+# The modules that fetch and decode a media URL from a chat message: an OSError or RuntimeError raised inside them
+# is about the URL the client sent (vLLM raises RuntimeError for a file:// URL without --allowed-local-media-path
+# and lets aiohttp's connection errors, OSErrors, through as "transient"), yet vLLM answers both with a 500.
+_MEDIA_MODULES = ("vllm.multimodal.media", "vllm.connections", "emu3_vllm.image_loading")
+_MEDIA_PARAMS = {"fetch_image": "image_url", "fetch_audio": "audio_url", "fetch_video": "video_url"}
+
+
+def media_error(exc: BaseException) -> tuple[str, str | None] | None:
+    """(message, param) when `exc` was raised loading a media URL a request gave, else None."""
+    param, inside = None, False
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        inside = inside or str(tb.tb_frame.f_globals.get("__name__", "")).startswith(_MEDIA_MODULES)
+        param = param or next((name for prefix, name in _MEDIA_PARAMS.items() if code.co_name.startswith(prefix)),
+                              None)
+        tb = tb.tb_next
+    if not inside:
+        return None
+    return f"cannot load the {param or 'media URL'}: {str(exc) or type(exc).__name__}", param
+
+
+async def media_error_handler(request: Request, exc: Exception):
+    """A 400 for a media URL the server cannot load; anything else goes to vLLM's own handler, as before."""
+    from vllm.entrypoints.serve.exception_handling.handlers.exception import exception_handler
+
+    found = media_error(exc)
+    if found is not None:
+        return error_response(*found)
+    # Under vLLM's catch-all `Exception` handler the server logged these with their traceback; keep that.
+    logger.error("Exception in %s %s", request.method, request.url.path, exc_info=exc)
+    return await exception_handler(request, exc)
+
+
+async def http_error_handler(request: Request, exc: Exception):
+    """Starlette's HTTPException in OpenAI's error shape, by vLLM's own handler.
+
+    vLLM registers that handler for FastAPI's subclass only, while FastAPI raises Starlette's class for a body it
+    cannot parse (bytes that are not UTF-8, an integer of over 4300 digits): those came back as FastAPI's
+    `{"detail": ...}`, which is not the error shape vLLM's routes declare."""
+    from fastapi.exception_handlers import http_exception_handler as fastapi_handler
+    from vllm.entrypoints.serve.exception_handling.handlers.http import http_exception_handler
+
+    if exc.status_code < 400:  # 304 and the like carry no error body
+        return await fastapi_handler(request, exc)
+    response = await http_exception_handler(request, exc)
+    response.headers.update(exc.headers or {})  # e.g. a 405's Allow
+    return response
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The plugin
+
+
+async def _request_body(raw_request: Request) -> bytes:
+    # Read in a dependency: `with_cancellation` starts listening for a disconnect as the handler starts, and would
+    # take the body's messages for its own.
+    return await raw_request.body()
+
+
 class ImagesPlugin:
     """The `vllm.endpoint_plugins` entry point (vLLM calls the class with no arguments)."""
 
@@ -360,19 +624,40 @@ class ImagesPlugin:
 
     def attach_router(self, app) -> None:
         from fastapi import Depends
+        from starlette.exceptions import HTTPException
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
         from vllm.entrypoints.serve.utils.api_utils import load_aware_call, validate_json_request, with_cancellation
 
-        # A pydantic body, so the request is read before `with_cancellation` starts listening for a disconnect.
-        @app.post(ROUTE, dependencies=[Depends(validate_json_request)])
+        errors = {"model": ErrorResponse}
+        openapi = {"requestBody": {"required": True, "content": {"application/json": {"schema": request_schema()}}}}
+
+        @app.post(ROUTE, dependencies=[Depends(validate_json_request)], response_model=None, openapi_extra=openapi,
+                  summary="Create images", responses={200: {"model": ImagesResponse}, 400: errors, 404: errors})
         @with_cancellation
         @load_aware_call
-        async def create_images(request: ImagesRequest, raw_request: Request):
+        async def create_images(raw_request: Request, body: bytes = Depends(_request_body)):
             service = getattr(raw_request.app.state, "emu3_images", None)
             if service is None:
                 return error_response("image generation is not available on this server", None, 500)
-            return await service.create(request)
+            return await service.create(body)
+
+        app.add_exception_handler(HTTPException, http_error_handler)
+        for exc_type in (OSError, RuntimeError):
+            app.add_exception_handler(exc_type, media_error_handler)
+        try:
+            from aiohttp import ClientError
+        except ImportError:  # pragma: no cover - vLLM depends on aiohttp
+            pass
+        else:
+            app.add_exception_handler(ClientError, media_error_handler)
 
     async def init_state(self, engine_client, state, args) -> None:
+        # Chat images go through our loader where it exists (another module; this one must not depend on it).
+        if importlib.util.find_spec("emu3_vllm.image_loading") is not None:
+            from . import image_loading
+
+            if hasattr(image_loading, "use_for_vllm_media"):
+                image_loading.use_for_vllm_media()
         if engine_client is None:
             return
         state.emu3_images = await asyncio.to_thread(ImagesService, engine_client, state.openai_serving_models)

@@ -74,6 +74,12 @@ def pair_prompts(spec: ImageSpec, tokens: PromptTokens) -> tuple[str, str]:
     return (tokens.bos + spec.prompt + spec.positive_suffix + header, tokens.bos + spec.negative_prompt + header)
 
 
+def bare_prompt(spec: ImageSpec, tokens: PromptTokens) -> str:
+    """The shortest prompt for this image (BOS and the header, no text): what a size must fit after, so a limit
+    check can tell a too-large image from a too-long prompt."""
+    return tokens.bos + header_text(spec.h, spec.w, boi_token=tokens.boi, image_wrapper_token=tokens.image_wrapper)
+
+
 def pair_tag(spec: ImageSpec, pair_id: str) -> dict:
     return {"pair": pair_id, "scale": float(spec.cfg_scale), "h": spec.h, "w": spec.w, "seed": int(spec.seed),
             "temperature": float(spec.temperature), "top_k": int(spec.top_k)}

@@ -23,7 +23,8 @@ from typing import Any
 from .engine import DataParallelLockstep, EngineLimits, abort
 from .inputs import ItemError
 from .layout import ImageTokenIds
-from .protocol import COND, UNCOND, ImageSpec, PairError, PromptTokens, pair_codes, pair_prompts, pair_sampling_params
+from .protocol import (COND, UNCOND, ImageSpec, PairError, PromptTokens, bare_prompt, pair_codes, pair_prompts,
+                       pair_sampling_params)
 from .results import GeneratedImage
 
 logger = logging.getLogger("emu3_vllm")
@@ -154,7 +155,7 @@ class ImageStream:
         try:
             cond, uncond = pair_prompts(spec, self.tokens)
             self.limits.check_image(where, self.prompt_len(cond), self.prompt_len(uncond), spec.num_tokens,
-                                    spec.height, spec.width)
+                                    spec.height, spec.width, bare_len=self.prompt_len(bare_prompt(spec, self.tokens)))
             pair_id = f"{self._name}:{index}"
             added: list[str] = []
             try:

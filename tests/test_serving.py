@@ -21,6 +21,7 @@ import pytest
 
 from conftest import SERVED_MODEL, SERVER_FLAGS, Server, random_image
 
+pytestmark = pytest.mark.engine
 
 def data_uri(image) -> str:
     buffer = io.BytesIO()
@@ -162,6 +163,21 @@ BAD_REQUESTS = [
     ({"prompt": "x", "top_k": 2.5}, "top_k"),
     ({"prompt": "x", "temperature": -1}, "temperature"),
     ({"prompt": "x", "negative_prompt": 3}, "negative_prompt"),
+    # Values that reached the engine and killed it, or blamed the wrong field, before the request model was typed.
+    ({"prompt": "x", "top_k": 2**63}, "top_k"),
+    ({"prompt": "x", "seed": 2**64 - 1}, "seed"),
+    ({"prompt": "x", "seed": 2**64 + 5}, "seed"),
+    ({"prompt": "x", "seed": 1e20}, "seed"),
+    ({"prompt": "x", "seed": 2**63 - 1, "n": 2}, "seed"),
+    ({"prompt": "x", "n": 1e300}, "n"),
+    ({"prompt": "x", "negative_prompt": "n" * 200_000}, "negative_prompt"),
+    ({"prompt": "x", "negative_prompt": "n" * 3000}, "negative_prompt"),  # fits the setting, not max_model_len
+    ({"prompt": "p" * 3000}, "prompt"),
+    ({"prompt": "x", "size": "8x8"}, "size"),
+    ({"prompt": "x", "size": "4x4"}, "size"),
+    ({"prompt": "x", "stream": True}, "stream"),
+    ({"prompt": "x", "partial_images": 1}, "partial_images"),
+    ({"prompt": "x", "model": 5}, "model"),
 ]
 
 
@@ -173,19 +189,65 @@ def test_bad_requests_get_400_naming_the_field_and_the_server_stays_healthy(emu3
             assert reply.status_code == 400, (body, reply.text)
             error = reply.json()["error"]
             assert error["param"] == field and error["code"] == 400 and error["message"], (body, error)
-        raw = [b'{"prompt": "an emu", "size": ', b'{"prompt": "x", "guidance_scale": NaN}', b'[1, 2]', b'"an emu"']
-        for content in raw:
+            # One line, about the field as the user wrote it, and short whatever the value's size.
+            assert error["message"].startswith(field) and len(error["message"]) < 300, error["message"]
+        raw = {b'{"prompt": "an emu", "size": ': None, b'{"prompt": "x", "guidance_scale": NaN}': "guidance_scale",
+               b"[1, 2]": None, b'"an emu"': None, b"\xff\xfe{": None,
+               b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}": "seed"}  # past Python's 4300-digit int()
+        for content, field in raw.items():
             reply = http.post(url, content=content, headers={"content-type": "application/json"})
-            assert reply.status_code == 400, (content, reply.text)
-            assert reply.json()["error"]["message"], content
-        assert http.post(url, content=raw[1], headers={"content-type": "application/json"}).json()["error"][
-            "param"] == "guidance_scale"
+            assert reply.status_code == 400, (content[:60], reply.text)
+            error = reply.json()["error"]
+            assert error["param"] == field and error["code"] == 400 and len(error["message"]) < 300, error
         reply = http.post(url, json={"prompt": "x", "model": "another-model"})
         assert reply.status_code == 404 and reply.json()["error"]["param"] == "model"
         assert http.get(emu3_server.url + "/health").status_code == 200
+    # The engine survived all of it: a normal image still comes back; with no size, the checkpoint's own area
+    # (64x64 for the tiny checkpoint, which this server holds).
     good = emu3_server.client(timeout=300).images.generate(model=SERVED_MODEL, prompt="an emu", size="16x16",
                                                             extra_body={"seed": 1})
     assert good.data[0].b64_json and pixels(good.data[0].b64_json).shape == (16, 16, 3)
+    auto = emu3_server.client(timeout=300).images.generate(model=SERVED_MODEL, prompt="an emu", extra_body={"seed": 1})
+    assert auto.size == "64x64" and pixels(auto.data[0].b64_json).shape == (64, 64, 3)
+
+
+def test_chat_media_a_server_cannot_load_is_a_400_and_keeps_the_connection(emu3_server):
+    import http.client
+
+    import openai
+
+    client = emu3_server.client(timeout=60)
+    for url in ("file:///etc/hostname", "http://127.0.0.1:9/x.png"):  # no --allowed-local-media-path; refused
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is this?"}]
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model=SERVED_MODEL, max_tokens=4,
+                                           messages=[{"role": "user", "content": content}])
+        error = caught.value.body
+        assert caught.value.status_code == 400 and error["param"] == "image_url", error
+        assert "cannot load the image_url" in error["message"], error
+
+    # vLLM answered these with a 500 and then closed the connection; now the client keeps its connection.
+    body = json.dumps({"model": SERVED_MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "file:///etc/hostname"}}, {"type": "text", "text": "Hi"}]}]})
+    connection = http.client.HTTPConnection("127.0.0.1", emu3_server.port, timeout=60)
+    try:
+        for attempt in range(2):
+            connection.request("POST", "/v1/chat/completions", body, {"content-type": "application/json"})
+            if attempt == 0:
+                socket = connection.sock
+            reply = connection.getresponse()
+            assert reply.status == 400 and json.loads(reply.read())["error"]["code"] == 400
+            assert connection.sock is socket  # the same connection answered both
+        # A body FastAPI cannot parse gets OpenAI's error shape too, not FastAPI's {"detail": ...}.
+        connection.request("POST", "/v1/chat/completions", b"\xff", {"content-type": "application/json"})
+        reply = connection.getresponse()
+        assert reply.status == 400 and json.loads(reply.read())["error"]["code"] == 400
+    finally:
+        connection.close()
+    assert httpx.get(emu3_server.url + "/health").status_code == 200
+    reply = client.chat.completions.create(model=SERVED_MODEL, max_tokens=2,
+                                           messages=[{"role": "user", "content": "Describe a cat."}])
+    assert reply.choices[0].message.content is not None
 
 
 def test_a_client_that_goes_away_mid_image_leaves_nothing_running(emu3_server):

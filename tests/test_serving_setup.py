@@ -4,11 +4,13 @@ template, the request checks, the data-parallel rank choice and the decode batch
 from __future__ import annotations
 
 import asyncio
-import math
+import json
 
 import pytest
 
-from emu3_vllm.images_api import ImagesRequest, RankChooser, choose_rank, parse_images_request, parse_size
+from emu3_vllm.images_api import (ImagesCall, ImagesPlugin, ImagesRequest, ImagesResponse, RankChooser, auto_side,
+                                  checkpoint_image_area, choose_rank, parse_images_request, parse_size,
+                                  read_images_request)
 from emu3_vllm.inputs import ItemError
 
 
@@ -70,6 +72,7 @@ def test_a_checkpoint_without_a_chat_template_is_served_with_emu3_chat_hfs(tmp_p
     assert with_bos(placed) == placed
 
 
+@pytest.mark.engine  # runs the CLI
 def test_serve_refuses_a_missing_model_before_starting_anything(tmp_path):
     from cli_helpers import cli
 
@@ -89,10 +92,15 @@ def parse(**fields):
     return parse_images_request(ImagesRequest(**fields), draw_seed=lambda: 41)
 
 
-def field_of(**fields) -> str:
+def read(body) -> ImagesCall:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return parse_images_request(read_images_request(raw), auto_size=(64, 64), draw_seed=lambda: 41)
+
+
+def error_of(body) -> ItemError:
     with pytest.raises(ItemError) as caught:
-        parse(**fields)
-    return caught.value.field
+        read(body)
+    return caught.value
 
 
 def test_a_request_becomes_one_spec_per_image_seeded_seed_plus_i():
@@ -110,27 +118,140 @@ def test_a_request_becomes_one_spec_per_image_seeded_seed_plus_i():
     assert parse(prompt="x", guidance_scale=4.0, cfg_scale=4.0).specs[0].cfg_scale == 4.0
     assert parse(prompt="x", size="auto").size == "720x720"
     assert parse(prompt="x", size="20x30").size == "24x32"  # each side rounded to a multiple of 8
+    # "auto" or no size is the server's square; JSON's 64.0 is an integer; OpenAI's newer fields are ignored.
+    assert read({"prompt": "x"}).size == read({"prompt": "x", "size": " auto "}).size == "64x64"
+    assert [s.seed for s in read({"prompt": "x", "n": 2.0, "seed": -5}).specs] == [-5, -4]
+    assert read({"prompt": "x", "quality": "hd", "style": 3, "output_format": "webp", "background": None,
+                 "output_compression": [1], "moderation": "low", "user": "u", "stream": False,
+                 "unknown": {"a": 1}}).size == "64x64"
 
 
-@pytest.mark.parametrize("fields, field", [
-    ({}, "prompt"), ({"prompt": ""}, "prompt"), ({"prompt": 1}, "prompt"), ({"prompt": None}, "prompt"),
+@pytest.mark.parametrize("body, field", [
+    ({}, "prompt"), ({"prompt": ""}, "prompt"), ({"prompt": "  "}, "prompt"), ({"prompt": 1}, "prompt"),
+    ({"prompt": None}, "prompt"), ({"prompt": ["x"]}, "prompt"), ({"prompt": "\ud800"}, "prompt"),
+    ({"prompt": "x" * 100_001}, "prompt"),
     ({"prompt": "x", "n": 0}, "n"), ({"prompt": "x", "n": 11}, "n"), ({"prompt": "x", "n": "2"}, "n"),
+    ({"prompt": "x", "n": 1.5}, "n"), ({"prompt": "x", "n": True}, "n"),
     ({"prompt": "x", "size": "1024"}, "size"), ({"prompt": "x", "size": "0x8"}, "size"),
     ({"prompt": "x", "size": "-8x8"}, "size"), ({"prompt": "x", "size": "3x3"}, "size"),
-    ({"prompt": "x", "size": [8, 8]}, "size"),
-    ({"prompt": "x", "guidance_scale": math.nan}, "guidance_scale"), ({"prompt": "x", "guidance_scale": 0}, "guidance_scale"),
-    ({"prompt": "x", "cfg_scale": math.inf}, "cfg_scale"), ({"prompt": "x", "guidance_scale": 2, "cfg_scale": 3}, "cfg_scale"),
-    ({"prompt": "x", "response_format": "url"}, "response_format"), ({"prompt": "x", "response_format": 1}, "response_format"),
+    ({"prompt": "x", "size": "8x8"}, "size"), ({"prompt": "x", "size": "4x4"}, "size"),
+    ({"prompt": "x", "size": "8200x16"}, "size"), ({"prompt": "x", "size": "9" * 5000 + "x8"}, "size"),
+    ({"prompt": "x", "size": [8, 8]}, "size"), ({"prompt": "x", "size": 32}, "size"),
+    ({"prompt": "x", "guidance_scale": 0}, "guidance_scale"),
+    ({"prompt": "x", "guidance_scale": 1001}, "guidance_scale"),
+    ({"prompt": "x", "guidance_scale": "3"}, "guidance_scale"), ({"prompt": "x", "cfg_scale": 0}, "cfg_scale"),
+    ({"prompt": "x", "guidance_scale": 2, "cfg_scale": 3}, "cfg_scale"),
+    ({"prompt": "x", "response_format": "url"}, "response_format"),
+    ({"prompt": "x", "response_format": "webp"}, "response_format"),
+    ({"prompt": "x", "response_format": 1}, "response_format"),
     ({"prompt": "x", "seed": 1.5}, "seed"), ({"prompt": "x", "seed": True}, "seed"),
-    ({"prompt": "x", "top_k": "all"}, "top_k"), ({"prompt": "x", "temperature": -0.5}, "temperature"),
+    ({"prompt": "x", "seed": "7"}, "seed"),
+    ({"prompt": "x", "seed": 2**64 - 1}, "seed"), ({"prompt": "x", "seed": 2**64 + 5}, "seed"),
+    ({"prompt": "x", "seed": 1e20}, "seed"), ({"prompt": "x", "seed": -(2**63) - 1}, "seed"),
+    ({"prompt": "x", "seed": 2**63 - 1, "n": 2}, "seed"),  # image 1 would get seed 2**63
+    ({"prompt": "x", "top_k": 2**63}, "top_k"), ({"prompt": "x", "top_k": 2**31}, "top_k"),
+    ({"prompt": "x", "top_k": "all"}, "top_k"), ({"prompt": "x", "top_k": -2}, "top_k"),
+    ({"prompt": "x", "temperature": -0.5}, "temperature"), ({"prompt": "x", "temperature": 1e9}, "temperature"),
     ({"prompt": "x", "negative_prompt": ["a"]}, "negative_prompt"),
+    ({"prompt": "x", "negative_prompt": "n" * 200_000}, "negative_prompt"),
+    ({"prompt": "x", "stream": True}, "stream"), ({"prompt": "x", "stream": "yes"}, "stream"),
+    ({"prompt": "x", "partial_images": 2}, "partial_images"), ({"prompt": "x", "stream": False, "partial_images": 1},
+                                                               "partial_images"),
+    ({"prompt": "x", "stream": True, "partial_images": 2}, "stream"),
+    ({"prompt": "x", "model": 3}, "model"), ({"prompt": "x", "user": {}}, "user"),
 ])
-def test_each_bad_field_is_named(fields, field):
-    assert field_of(**fields) == field
+def test_each_bad_field_is_named_in_one_short_line(body, field):
+    error = error_of(body)
+    assert error.field == field, (body, str(error))
+    message = str(error)
+    assert message.startswith(field) and "\n" not in message and len(message) < 200, message
+
+
+def test_values_past_what_python_parses_are_named_and_quoted_briefly():
+    # 5000 digits: Python's int() refuses past 4300, and 10**400 has no float.
+    error = error_of(b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}")
+    assert error.field == "seed" and str(error) == "seed must be <= 9223372036854775807, got an integer of 5000 digits"
+    error = error_of(b'{"prompt": "x", "guidance_scale": -' + b"1" * 400 + b"}")
+    assert error.field == "guidance_scale" and "an integer of 400 digits" in str(error)
+    error = error_of({"prompt": "x", "n": 1e300})
+    assert error.field == "n" and str(error) == "n must be <= 10, got 1e+300"
+    error = error_of({"prompt": "x", "seed": 2**64 + 5})
+    assert str(error) == "seed must be <= 9223372036854775807, got 18446744073709551621"
+    # NaN is not JSON, yet Python's (and many clients') JSON has it: it reaches the field that refuses it.
+    error = error_of(b'{"prompt": "x", "guidance_scale": NaN}')
+    assert error.field == "guidance_scale" and "finite" in str(error)
+    assert "url" in str(error_of({"prompt": "x", "response_format": "url"})) and "b64_json" in str(
+        error_of({"prompt": "x", "response_format": "url"}))
+
+
+@pytest.mark.parametrize("body", [b'{"prompt": "an emu", "size": ', b"[1, 2]", b'"an emu"', b"", b"\xff\xfe\x00",
+                                  b"[" * 100_000, b"null"])
+def test_a_body_that_is_no_json_object_is_refused_without_a_field(body):
+    error = error_of(body)
+    assert error.field is None and "request body" in str(error) and len(str(error)) < 200, str(error)
 
 
 def test_size_is_width_by_height():
     assert parse_size("64x32") == (32, 64) and parse_size(" 16 X 8 ") == (8, 16)
+    assert parse_size(None, (48, 48)) == parse_size("auto", (48, 48)) == (48, 48)
+
+
+def test_auto_size_is_the_largest_square_of_the_area_that_fits(tmp_path):
+    from emu3_vllm import make_random_checkpoint
+
+    assert auto_side(518_400, lambda side: True) == 720
+    assert auto_side(4096, lambda side: True) == 64
+    assert auto_side(518_400, lambda side: side <= 300) == 296  # a multiple of 8
+    assert auto_side(518_400, lambda side: False) == 16  # the smallest square image: 2x2 tokens
+    assert auto_side(1, lambda side: True) == 16
+    # The checkpoint's own area (make_random_checkpoint records it), else transformers' Emu3Processor default.
+    path = make_random_checkpoint(tmp_path / "c", size="tiny", write_weights=False)
+    assert checkpoint_image_area(path) == 4096
+    (path / "emu3_vllm.json").unlink()
+    assert checkpoint_image_area(path) == 518_400
+
+
+def test_the_schema_states_the_types_and_bounds_and_only_the_errors_that_happen():
+    from fastapi import FastAPI
+
+    app = FastAPI()
+    ImagesPlugin().attach_router(app)
+    document = app.openapi()
+    operation = document["paths"]["/v1/images/generations"]["post"]
+    body = operation["requestBody"]
+    assert body["required"] is True
+    schema = body["content"]["application/json"]["schema"]
+    assert schema["required"] == ["prompt"]
+    props = schema["properties"]
+    assert props["prompt"]["type"] == "string" and props["prompt"]["maxLength"] == 100_000
+
+    def typed(name):
+        return next(option for option in props[name]["anyOf"] if option["type"] != "null")
+
+    assert typed("n")["type"] == "integer" and (typed("n")["minimum"], typed("n")["maximum"]) == (1, 10)
+    assert typed("top_k")["maximum"] == 2**31 - 1 and typed("seed")["type"] == "integer"
+    assert typed("guidance_scale")["exclusiveMinimum"] == 0 and typed("temperature")["minimum"] == 0
+    assert typed("negative_prompt")["maxLength"] == 100_000 and typed("stream")["type"] == "boolean"
+    assert typed("response_format")["const"] == "b64_json" and typed("size")["pattern"]
+    assert set(operation["responses"]) == {"200", "400", "404"}  # no 422: the route validates its body itself
+
+    def refs(node):
+        if isinstance(node, dict):
+            yield from ([node["$ref"]] if "$ref" in node else [])
+            for value in node.values():
+                yield from refs(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from refs(value)
+
+    found = set(refs(document))
+    assert "#/components/schemas/ImagesResponse" in found
+    for ref in found:  # every reference resolves within the document
+        assert ref.startswith("#/components/schemas/") and ref.rsplit("/", 1)[1] in document["components"]["schemas"]
+    # The response model holds what the route answers.
+    ImagesResponse.model_validate({"created": 1, "size": "16x16", "output_format": "png",
+                                   "data": [{"b64_json": "AA==", "seed": 3}, {"b64_json": None, "seed": 4,
+                                                                              "error": "image 1: failed"}]})
 
 
 # --------------------------------------------------------------------------------------------------------------
