@@ -18,9 +18,7 @@ from .kernels import cfg_sample, pair_key
 from .kernels.cfg_sample import guided_logprobs
 from .layout import ImageTokenIds, layout_tokens
 
-DEFAULT_TOP_K = 2048
-
-__all__ = ["DEFAULT_TOP_K", "PairBatch", "guide_pairs", "guided_logprobs", "pair_key", "write_one_hot"]
+__all__ = ["PairBatch", "guide_pairs", "guided_logprobs", "pair_key", "write_one_hot"]
 
 
 @dataclass

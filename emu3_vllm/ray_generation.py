@@ -24,6 +24,7 @@ from typing import Any
 
 from .prompts import DEFAULT_CFG_SCALE, NEGATIVE_PROMPT, POSITIVE_SUFFIX
 from .shards import DEFAULT_SHARD_SIZE, ShardItem, ShardJob, generate_shards
+from .settings import DEFAULT_SIDE, DEFAULT_TOP_K
 
 # The environment variables the driver passes to its replicas (engine settings a user exports for vLLM).
 FORWARDED_ENV_PREFIXES = ("VLLM_",)
@@ -172,8 +173,9 @@ def run_on_ray(job: ShardJob, model: str, *, replicas: int, ray_address: str | N
 def generate_on_ray(model: str | os.PathLike, prompts: Iterable[Any], out: str | os.PathLike, *, replicas: int = 1,
                     shard_size: int = DEFAULT_SHARD_SIZE, ray_address: str | None = None,
                     tensor_parallel_size: int = 1, cpus_per_replica: float | None = None, seed: int = 0,
-                    height: int = 720, width: int = 720, cfg_scale: float = DEFAULT_CFG_SCALE,
-                    negative_prompt: str = NEGATIVE_PROMPT, positive_suffix: str = POSITIVE_SUFFIX, top_k: int = 2048,
+                    height: int = DEFAULT_SIDE, width: int = DEFAULT_SIDE, cfg_scale: float = DEFAULT_CFG_SCALE,
+                    negative_prompt: str = NEGATIVE_PROMPT, positive_suffix: str = POSITIVE_SUFFIX,
+                    top_k: int = DEFAULT_TOP_K,
                     temperature: float = 1.0, regenerate_changed: bool = False, num_shards: int = 1,
                     shard_index: int = 0, max_in_flight: int | None = None, progress: bool = True,
                     **engine_kwargs: Any) -> dict:

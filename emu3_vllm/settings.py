@@ -67,7 +67,10 @@ def _whole(value: Any) -> int:
 def _real(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise PydanticCustomError("emu3", "must be a finite number")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an integer past the largest float
+        raise PydanticCustomError("emu3", "must be a finite number") from None
     if not math.isfinite(value):
         raise PydanticCustomError("emu3", "must be a finite number")
     return value
@@ -91,16 +94,16 @@ def _not_blank(value: str) -> str:
 
 
 # The field types, shared with the HTTP request model (`serving` reuses them so the schema shows these bounds).
-Seed = Annotated[int, BeforeValidator(_whole), Field(ge=INT64_MIN, le=INT64_MAX)]
-EngineSeed = Annotated[int, BeforeValidator(_whole), Field(ge=0, le=ENGINE_SEED_MAX)]
-TopK = Annotated[int, BeforeValidator(_whole), Field(ge=-1, le=INT32_MAX)]
-Side = Annotated[int, BeforeValidator(_whole), Field(ge=1, le=MAX_SIDE)]
-CfgScale = Annotated[float, BeforeValidator(_real), Field(gt=0, le=MAX_CFG_SCALE)]
-Temperature = Annotated[float, BeforeValidator(_real), Field(ge=0, le=MAX_TEMPERATURE)]
-Text = Annotated[str, BeforeValidator(_string), Field(max_length=MAX_PROMPT_CHARS)]
-Prompt = Annotated[str, BeforeValidator(_string), Field(min_length=1, max_length=MAX_PROMPT_CHARS),
+Seed = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX), BeforeValidator(_whole)]
+EngineSeed = Annotated[int, Field(ge=0, le=ENGINE_SEED_MAX), BeforeValidator(_whole)]
+TopK = Annotated[int, Field(ge=-1, le=INT32_MAX), BeforeValidator(_whole)]
+Side = Annotated[int, Field(ge=1, le=MAX_SIDE), BeforeValidator(_whole)]
+CfgScale = Annotated[float, Field(gt=0, le=MAX_CFG_SCALE), BeforeValidator(_real)]
+Temperature = Annotated[float, Field(ge=0, le=MAX_TEMPERATURE), BeforeValidator(_real)]
+Text = Annotated[str, Field(max_length=MAX_PROMPT_CHARS), BeforeValidator(_string)]
+Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS), BeforeValidator(_string),
                    AfterValidator(_not_blank)]
-ImageCount = Annotated[int, BeforeValidator(_whole), Field(ge=1, le=MAX_IMAGES)]
+ImageCount = Annotated[int, Field(ge=1, le=MAX_IMAGES), BeforeValidator(_whole)]
 
 
 class ImageSettings(BaseModel):
@@ -144,11 +147,14 @@ _BOUNDS = {"greater_than_equal": "must be >= {ge}", "less_than_equal": "must be 
            "missing": "is required", "extra_forbidden": "is not a known setting"}
 
 
-def explain(error: ValidationError, field: str | None = None) -> SettingsError:
+def explain(error: ValidationError, field: str | None = None, given: dict | None = None) -> SettingsError:
     """The first problem of a pydantic error as one line, `{field} {what is wrong}, got {value}`; `field` names a
-    value validated on its own (whose error has no location)."""
+    value validated on its own (whose error has no location); `given`, the values as the user wrote them, so the
+    message quotes `1e+20` rather than the integer it was read as."""
     first = error.errors(include_url=False)[0]
     field = ".".join(str(part) for part in first["loc"]) or field
+    if given is not None and field in given:
+        first["input"] = given[field]
     template = _BOUNDS.get(first["type"])
     if first["type"] == "greater_than_equal" and first.get("ctx", {}).get("ge") == 1:
         template = "must be a positive integer"
@@ -167,7 +173,7 @@ def image_settings(**values: Any) -> ImageSettings:
     try:
         settings = ImageSettings(**values)
     except ValidationError as exc:
-        raise explain(exc) from None
+        raise explain(exc, given=values) from None
     check_grid(settings.height, settings.width)
     return settings
 
@@ -197,4 +203,4 @@ def check_value(field_type: Any, value: Any, field: str) -> Any:
     try:
         return adapter.validate_python(value)
     except ValidationError as exc:
-        raise explain(exc, field) from None
+        raise explain(exc, field, {field: value}) from None
