@@ -1,4 +1,5 @@
-"""Shared plumbing for the benchmark scripts: setup, thread settings, memory sampling, timing, JSON, plots (matplotlib)."""
+"""Shared plumbing for the benchmark scripts: setup, thread settings, memory sampling, timing, JSON, plots
+(matplotlib)."""
 
 from __future__ import annotations
 
@@ -203,7 +204,8 @@ def _pyplot():
     return plt
 
 
-def plot_bars(path: str, title: str, ylabel: str, values: dict[str, float], notes: dict[str, str] | None = None) -> None:
+def plot_bars(path: str, title: str, ylabel: str, values: dict[str, float],
+              notes: dict[str, str] | None = None) -> None:
     """A bar chart as PNG: one bar per contender, its value on top and an optional note inside."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.8), dpi=110)

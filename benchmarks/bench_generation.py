@@ -52,15 +52,16 @@ def kv_blocks_for(ckpt: str, args, block_size: int) -> tuple[int, int]:
     from transformers import Emu3Processor
 
     from emu3_vllm.layout import num_image_tokens, pixels_to_grid
-    from emu3_vllm.protocol import ImageSpec, PromptTokens, pair_prompts
     from emu3_vllm.prompts import NEGATIVE_PROMPT, POSITIVE_SUFFIX
+    from emu3_vllm.protocol import ImageSpec, PromptTokens, pair_prompts
 
     tok = Emu3Processor.from_pretrained(ckpt).tokenizer
     h, w = pixels_to_grid(args.height, args.width)
     n = num_image_tokens(h, w)
     longest = max(prompts(args.num_images, 10_000), key=len)
     spec = ImageSpec(longest, h, w, args.cfg_scale, 0, NEGATIVE_PROMPT, POSITIVE_SUFFIX, args.top_k, 1.0)
-    cond, uncond = (len(tok.encode(t, add_special_tokens=False)) for t in pair_prompts(spec, PromptTokens.from_tokenizer(tok)))
+    pair = pair_prompts(spec, PromptTokens.from_tokenizer(tok))
+    cond, uncond = (len(tok.encode(t, add_special_tokens=False)) for t in pair)
     per_pair = math.ceil((cond + n) / block_size) + math.ceil((uncond + n) / block_size)
     fit = max(1, round(args.num_images * args.kv_fraction))
     return fit * per_pair, per_pair
@@ -308,7 +309,8 @@ def main(argv=None) -> dict:
     if not args.skip_hf:
         result["transformers"] = run_transformers(ckpt, args, rows, n_tokens)
 
-    rate = {"(a) stream": emu3["stream"]["images_per_s"], "(a') stream + VQ": emu3["stream_with_decode"]["images_per_s"],
+    rate = {"(a) stream": emu3["stream"]["images_per_s"],
+            "(a') stream + VQ": emu3["stream_with_decode"]["images_per_s"],
             "(c) chunked": emu3["chunked"]["images_per_s"]}
     ratios = {"stream_over_chunked": rate["(a) stream"] / rate["(c) chunked"],
               "stream_over_chunked_without_decode": rate["(a) stream"] / emu3["chunked"]["images_per_s_without_decode"]}

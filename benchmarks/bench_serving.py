@@ -346,9 +346,10 @@ def plot(path: str, result: dict) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
     env = result["environment"]
+    load = result["load_average"]
     fig.suptitle(f"Emu3 /v1/images/generations, {result['image']['width']}x{result['image']['height']}, "
-                 f"{result['size'] or 'checkpoint'}, {env.get('gpu', 'CPU')}, load avg {result['load_average']['start'][0]:.1f}"
-                 f" -> {result['load_average']['end'][0]:.1f}", fontsize=10)
+                 f"{result['size'] or 'checkpoint'}, {env.get('gpu', 'CPU')}, load avg {load['start'][0]:.1f}"
+                 f" -> {load['end'][0]:.1f}", fontsize=10)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

@@ -38,8 +38,8 @@ def items(n: int, size: int, take: int = 0):
 
 
 def summarize(label, n, tokens, seconds, extra=None):
-    print(f"{label:14s} {n:4d} prompts: {seconds:8.3f} s  {n / seconds:8.3f} answers/s  {tokens / seconds:9.1f} tokens/s",
-          flush=True)
+    print(f"{label:14s} {n:4d} prompts: {seconds:8.3f} s  {n / seconds:8.3f} answers/s  "
+          f"{tokens / seconds:9.1f} tokens/s", flush=True)
     return {"prompts": n, "seconds": round(seconds, 4), "answers_per_s": n / seconds,
             "generated_tokens_per_s": tokens / seconds, **(extra or {})}
 
@@ -132,7 +132,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--num-prompts", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=64, help="side of the square random input images (px)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per vLLM measurement (the fastest is reported)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed runs per vLLM measurement (the fastest is reported)")
     parser.add_argument("--hf-prompts", type=int, default=4, help="prompts transformers answers (batch 1)")
     args = parser.parse_args(argv)
 
@@ -141,7 +142,8 @@ def main(argv=None) -> dict:
     threads = _common.configure_threads(args.threads)
     ckpt = _common.checkpoint(args)
     batch = items(args.num_prompts, args.image_size)
-    kwargs = _common.engine_args(args, max_num_seqs=args.num_prompts, max_model_len=min(4096, _common.max_positions(ckpt)))
+    kwargs = _common.engine_args(args, max_num_seqs=args.num_prompts,
+                                 max_model_len=min(4096, _common.max_positions(ckpt)))
     result = {"benchmark": "understanding", "size": None if args.checkpoint else args.size, "checkpoint": ckpt,
               "decoder_parameters": _common.count_parameters(ckpt), "num_prompts": args.num_prompts,
               "image_size": args.image_size, "max_new_tokens": args.max_new_tokens, "engine_args": kwargs,

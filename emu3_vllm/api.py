@@ -13,8 +13,7 @@ import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from .inputs import (GenerationDefaults, ImageLike, ItemError, UnderstandingItem, image_specs, load_image,
-                     one_or_many)
+from .inputs import GenerationDefaults, ImageLike, ItemError, UnderstandingItem, image_specs, load_image, one_or_many
 from .prompts import DEFAULT_CFG_SCALE, DEFAULT_SYSTEM_PROMPT, NEGATIVE_PROMPT, POSITIVE_SUFFIX
 from .protocol import ImageSpec, PromptTokens, pair_prompts
 from .results import Answer, GeneratedImage
@@ -70,7 +69,7 @@ class Emu3:
 
             shutdown_llm(llm)
 
-    def __enter__(self) -> "Emu3":
+    def __enter__(self) -> Emu3:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor
 
 from .cfg import PairBatch, guide_pairs, write_one_hot

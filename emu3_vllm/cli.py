@@ -19,8 +19,7 @@ from pathlib import Path
 
 from .plugin import DIE_WITH_PARENT_ENV
 from .prompts import DEFAULT_CFG_SCALE
-from .settings import (DEFAULT_SIDE, DEFAULT_TOP_K, ENGINE_SEED_MAX, CfgScale, EngineSeed, Seed, Side, Temperature,
-                       TopK)
+from .settings import DEFAULT_SIDE, DEFAULT_TOP_K, ENGINE_SEED_MAX, CfgScale, EngineSeed, Seed, Side, Temperature, TopK
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 

@@ -54,8 +54,8 @@ def run_demo(out_dir: str | Path = "out", *, engine=None, stdout: TextIO | None 
     """Answer questions about a few shape images and draw a few captions with the shapes checkpoint.
 
     `engine`: an `Emu3` on the shapes checkpoint, left open for the caller; without one, the demo starts one with
-    `engine_kwargs` (any `vllm.LLM` arguments) and closes it. Prints one JSON line per answer and per drawn image to `stdout`
-    (default: sys.stdout), and where the images and the contact sheet went. Returns 0 when every question was
+    `engine_kwargs` (any `vllm.LLM` arguments) and closes it. Prints one JSON line per answer and per drawn image to
+    `stdout` (default: sys.stdout), and where the images and the contact sheet went. Returns 0 when every question was
     answered and every image drawn, 1 otherwise.
     """
     from .checkpoints import shapes_checkpoint

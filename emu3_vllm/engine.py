@@ -119,11 +119,10 @@ def check_engine_kwargs(engine_kwargs: dict[str, Any]) -> dict[str, Any]:
     import sys
 
     from pydantic import TypeAdapter, ValidationError
+    from vllm import LLM
     from vllm.engine.arg_utils import EngineArgs
 
     from .settings import EngineSeed, SettingsError, check_value, show
-
-    from vllm import LLM
 
     fields = {field.name: field for field in dataclasses.fields(EngineArgs)}
     # `LLM` takes a few arguments of its own besides the engine's.
@@ -196,7 +195,7 @@ class DataParallelLockstep:
         self.group = group
 
     @classmethod
-    def of(cls, llm) -> "DataParallelLockstep | None":
+    def of(cls, llm) -> DataParallelLockstep | None:
         engine = llm.llm_engine
         if getattr(engine, "external_launcher_dp", False) and getattr(engine, "dp_group", None) is not None:
             return cls(engine, engine.dp_group)
@@ -239,7 +238,7 @@ class EngineLimits:
     pair_scheduler: bool
 
     @classmethod
-    def of(cls, vllm_config) -> "EngineLimits":
+    def of(cls, vllm_config) -> EngineLimits:
         scheduler_cls = vllm_config.scheduler_config.scheduler_cls
         name = str(getattr(scheduler_cls, "__name__", scheduler_cls))
         return cls(max_model_len=vllm_config.model_config.max_model_len,

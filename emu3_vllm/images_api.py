@@ -47,10 +47,22 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .inputs import GenerationDefaults, ItemError, image_spec
 from .layout import SPATIAL_FACTOR, pixels_to_tokens
-from .protocol import (COND, UNCOND, ImageSpec, PairError, bare_prompt, pair_codes, pair_prompts,
-                       pair_sampling_params)
-from .settings import (DEFAULT_SIDE, INT64_MAX, MAX_SIDE, MIN_TOKENS, CfgScale, ImageCount, Prompt, Seed,
-                       Temperature, Text, TopK, explain, show)
+from .protocol import COND, UNCOND, ImageSpec, PairError, bare_prompt, pair_codes, pair_prompts, pair_sampling_params
+from .settings import (
+    DEFAULT_SIDE,
+    INT64_MAX,
+    MAX_SIDE,
+    MIN_TOKENS,
+    CfgScale,
+    ImageCount,
+    Prompt,
+    Seed,
+    Temperature,
+    Text,
+    TopK,
+    explain,
+    show,
+)
 
 logger = logging.getLogger("emu3_vllm")
 

@@ -16,8 +16,19 @@ from typing import Any
 from .image_loading import MAX_ASPECT_RATIO, load_image  # noqa: F401 - re-exported: callers import them from here
 from .prompts import DEFAULT_CFG_SCALE, NEGATIVE_PROMPT, POSITIVE_SUFFIX
 from .protocol import ImageSpec
-from .settings import (CALL_LEVEL, DEFAULT_SIDE, DEFAULT_TOP_K, PER_PROMPT, Prompt, Seed, SettingsError, Text,
-                       check_value, image_settings, show)
+from .settings import (
+    CALL_LEVEL,
+    DEFAULT_SIDE,
+    DEFAULT_TOP_K,
+    PER_PROMPT,
+    Prompt,
+    Seed,
+    SettingsError,
+    Text,
+    check_value,
+    image_settings,
+    show,
+)
 
 ImageLike = Any  # PIL.Image.Image, a path, or encoded bytes
 
@@ -58,7 +69,7 @@ class GenerationDefaults:
     top_k: int = DEFAULT_TOP_K
     temperature: float = 1.0
 
-    def checked(self) -> "GenerationDefaults":
+    def checked(self) -> GenerationDefaults:
         """The same settings, validated; a bad one raises ValueError naming the argument."""
         try:
             # A placeholder prompt: the call's settings are checked as any image's would be.

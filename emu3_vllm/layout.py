@@ -7,10 +7,10 @@ constrained exactly as Emu3's `prefix_allowed_tokens_fn` constrains offset k+1 a
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from enum import IntEnum
-from typing import Mapping, Sequence
+from functools import cached_property
 
 # Pixels per visual token along each side (transformers' Emu3Processor `downsample_ratio`).
 SPATIAL_FACTOR = 8
@@ -42,7 +42,7 @@ class ImageTokenIds:
     def from_vocabulary(cls, vocabulary_map: Mapping[str, int], *, eos_token: str, boi_token: str = "<|image start|>",
                         eoi_token: str = "<|image end|>", image_wrapper_token: str = "<|image token|>",
                         eol_token: str = "<|extra_200|>", eof_token: str = "<|extra_201|>",
-                        pad_token: str | None = None) -> "ImageTokenIds":
+                        pad_token: str | None = None) -> ImageTokenIds:
         codes = {}
         for name, token_id in vocabulary_map.items():
             if name.startswith("<|visual token"):
@@ -58,7 +58,7 @@ class ImageTokenIds:
         )
 
     @classmethod
-    def from_tokenizer(cls, tokenizer) -> "ImageTokenIds":
+    def from_tokenizer(cls, tokenizer) -> ImageTokenIds:
         """From an Emu3 tokenizer carrying `boi_token`/`eoi_token`/`image_wrapper_token`/`eof_token`."""
         vocab = tokenizer.get_vocab()
         return cls.from_vocabulary(vocab, eos_token=tokenizer.eos_token, boi_token=tokenizer.boi_token,
@@ -77,7 +77,7 @@ class ImageTokenIds:
             raise ValueError("the visual tokens' ids are not contiguous in code order; Emu3's vocabulary has them so")
         return lo, lo + len(self.visual)
 
-    def slot_token(self, s: "Slot") -> int | None:
+    def slot_token(self, s: Slot) -> int | None:
         """The one token a single-token slot allows (EOL, EOF, EOI, EOS; pad past the end, if known)."""
         return {Slot.EOL: self.eol, Slot.EOF: self.eof, Slot.EOI: self.eoi, Slot.EOS: self.eos,
                 Slot.DONE: self.pad}[s]

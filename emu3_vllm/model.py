@@ -15,9 +15,7 @@ import torch
 from torch import nn
 from transformers import Emu3Config
 from transformers.models.emu3.modeling_emu3 import Emu3ImageVocabularyMapping, Emu3VQVAE
-
 from vllm.config import VllmConfig
-from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal
 from vllm.model_executor.models.utils import (
     AutoWeightsLoader,
@@ -25,6 +23,7 @@ from vllm.model_executor.models.utils import (
     init_vllm_registered_model,
     maybe_prefix,
 )
+from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
 from .processing import Emu3DummyInputsBuilder, Emu3MultiModalProcessor, Emu3ProcessingInfo

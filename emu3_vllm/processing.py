@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from transformers import BatchFeature, Emu3Config, Emu3Processor
 from transformers.models.emu3.image_processing_emu3 import smart_resize
-
 from vllm.config.multimodal import MultiModalDummyOptions
 from vllm.inputs import MultiModalDataDict, MultiModalInput
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems

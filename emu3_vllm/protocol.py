@@ -64,7 +64,7 @@ class PromptTokens:
     image_wrapper: str
 
     @classmethod
-    def from_tokenizer(cls, tokenizer) -> "PromptTokens":
+    def from_tokenizer(cls, tokenizer) -> PromptTokens:
         return cls(bos=tokenizer.bos_token, boi=tokenizer.boi_token, image_wrapper=tokenizer.image_wrapper_token)
 
 
@@ -133,7 +133,7 @@ def validate_cfg_args(params) -> None:
     if args["role"] not in (COND, UNCOND):
         raise ValueError(f"{EXTRA_ARGS_KEY}.role must be 'cond' or 'uncond', got {args['role']!r}")
     # The same bounds the front ends check: a value past them would overflow the worker's torch tensors.
-    from .settings import CfgScale, Seed, Side, SettingsError, Temperature, TopK, check_value
+    from .settings import CfgScale, Seed, SettingsError, Side, Temperature, TopK, check_value
 
     bounds = {"seed": Seed, "top_k": TopK, "scale": CfgScale, "temperature": Temperature, "h": Side, "w": Side}
     for name, field_type in bounds.items():

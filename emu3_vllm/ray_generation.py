@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from .prompts import DEFAULT_CFG_SCALE, NEGATIVE_PROMPT, POSITIVE_SUFFIX
-from .shards import DEFAULT_SHARD_SIZE, ShardItem, ShardJob, generate_shards
 from .settings import DEFAULT_SIDE, DEFAULT_TOP_K
+from .shards import DEFAULT_SHARD_SIZE, ShardItem, ShardJob, generate_shards
 
 # The environment variables the driver passes to its replicas (engine settings a user exports for vLLM).
 FORWARDED_ENV_PREFIXES = ("VLLM_",)

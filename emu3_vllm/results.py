@@ -48,11 +48,11 @@ class GeneratedImage:
         return self.error is None
 
     @classmethod
-    def of(cls, spec) -> "GeneratedImage":
+    def of(cls, spec) -> GeneratedImage:
         return cls(prompt=spec.prompt, height=spec.height, width=spec.width, seed=spec.seed, spec=spec)
 
     @classmethod
-    def failed(cls, prompt: Any, error: str) -> "GeneratedImage":
+    def failed(cls, prompt: Any, error: str) -> GeneratedImage:
         """An input that never became a spec: the prompt as given, and why."""
         if isinstance(prompt, dict):
             prompt = prompt.get("prompt", prompt)

@@ -525,7 +525,10 @@ class ShardJob:
         self.todo = sorted(self.plan.todo + list(self.plan.changed))
         for shard in self.todo:
             self.folder.clean(shard)
-        size = lambda shards: sum(len(self.ranges[s]) for s in shards)
+
+        def size(shards):
+            return sum(len(self.ranges[s]) for s in shards)
+
         self.stats = {"out": str(out), "format": "webdataset", "images": size(self.shards),
                       "skipped": size(self.plan.skipped), "written": 0, "failed": 0,
                       "regenerated": size(list(self.plan.changed) + self.plan.corrupt), "shards": len(self.shards),

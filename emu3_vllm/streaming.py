@@ -1,13 +1,13 @@
 """The streaming core under every image front end: keep the engine full, hand back each image as its pair finishes.
 
-`ImageStream.run` takes (index, prompt, spec or error) items lazily, keeps up to `max_in_flight` images' request
-pairs submitted (so the pair scheduler always has a waiting pair to start when one finishes), steps the engine
-itself, and yields `(index, GeneratedImage)` as soon as an image is done; finished code grids are VQ-decoded in
-small batches on a background thread while the engine keeps stepping (no more than a window's worth of images, or
-two batches, wait for it: beyond that, decode is the bottleneck and new prompts wait). Bad items come back as errors naming their index
-and never reach the engine. Whatever ends the stream early (the consumer stops iterating, an exception, Ctrl-C)
-aborts every request this stream still has in the engine, so the engine is left as it was. An engine that is one
-data-parallel rank under vLLM's external launcher steps in lockstep with the other ranks (`DataParallelLockstep`).
+`ImageStream.run` takes (index, prompt, spec or error) items lazily, keeps up to `max_in_flight` images' request pairs
+submitted (so the pair scheduler always has a waiting pair to start when one finishes), steps the engine itself, and
+yields `(index, GeneratedImage)` as soon as an image is done; finished code grids are VQ-decoded in small batches on a
+background thread while the engine keeps stepping (no more than a window's worth of images, or two batches, wait for it:
+beyond that, decode is the bottleneck and new prompts wait). Bad items come back as errors naming their index and never
+reach the engine. Whatever ends the stream early (the consumer stops iterating, an exception, Ctrl-C) aborts every
+request this stream still has in the engine, so the engine is left as it was. An engine that is one data-parallel rank
+under vLLM's external launcher steps in lockstep with the other ranks (`DataParallelLockstep`).
 """
 
 from __future__ import annotations
@@ -23,8 +23,17 @@ from typing import Any
 from .engine import DataParallelLockstep, EngineLimits, abort
 from .inputs import ItemError
 from .layout import ImageTokenIds
-from .protocol import (COND, UNCOND, ImageSpec, PairError, PromptTokens, bare_prompt, pair_codes, pair_prompts,
-                       pair_sampling_params)
+from .protocol import (
+    COND,
+    UNCOND,
+    ImageSpec,
+    PairError,
+    PromptTokens,
+    bare_prompt,
+    pair_codes,
+    pair_prompts,
+    pair_sampling_params,
+)
 from .results import GeneratedImage
 
 logger = logging.getLogger("emu3_vllm")

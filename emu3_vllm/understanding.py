@@ -6,10 +6,10 @@ import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from .engine import DataParallelLockstep, abort
 from .inputs import ItemError, UnderstandingItem, load_image, understanding_item
 from .prompts import DEFAULT_SYSTEM_PROMPT, understanding_prompt
 from .results import Answer
-from .engine import DataParallelLockstep, abort
 
 logger = logging.getLogger("emu3_vllm")
 

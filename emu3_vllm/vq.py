@@ -96,8 +96,8 @@ class DecodeWorker:
 
         self._decode = decode
         self._max_batch = max(1, max_batch)
-        self._todo: "queue.Queue" = queue.Queue()
-        self._done: "queue.Queue" = queue.Queue()
+        self._todo: queue.Queue = queue.Queue()
+        self._done: queue.Queue = queue.Queue()
         self.pending = 0  # submitted, not yet collected
         self.busy_seconds = 0.0
         self._thread = threading.Thread(target=self._run, name="emu3-vq-decode", daemon=True)

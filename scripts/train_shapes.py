@@ -206,7 +206,8 @@ def train_encoder(vq, pixels, codes, image_processor, *, steps: int, batch: int,
     loss = torch.tensor(0.0)
     for step, rng, opt in adam_steps(params, lr, steps, seed):
         idx = rng.integers(0, len(pixels), batch)
-        z = encoder_latents(vq, normalise(pixels[idx], image_processor)).permute(0, 2, 3, 1).reshape(-1, codebook.shape[1])
+        z = encoder_latents(vq, normalise(pixels[idx], image_processor))
+        z = z.permute(0, 2, 3, 1).reshape(-1, codebook.shape[1])
         target = codes[idx].reshape(-1)
         dist = z.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * z @ codebook.T
         # Cross-entropy over negative distances makes the target the nearest vector with a margin; the pull keeps
@@ -297,7 +298,8 @@ def shared_prefix_logits(lm, prefixes: list[list[int]], pidx: torch.Tensor, suff
         ids[i, width - len(prefix):] = torch.tensor(prefix)
         mask[i, width - len(prefix):] = 1
     out = lm.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=True)
-    cache = DynamicCache(ddp_cache_data=[(layer.keys[pidx], layer.values[pidx]) for layer in out.past_key_values.layers])
+    cache = DynamicCache(ddp_cache_data=[(layer.keys[pidx], layer.values[pidx])
+                                         for layer in out.past_key_values.layers])
     lengths = mask.sum(1)[pidx]
     hidden = lm.model(input_ids=suffix, attention_mask=torch.cat([mask[pidx], (suffix != pad_id).long()], 1),
                       position_ids=lengths[:, None] + torch.arange(suffix.shape[1])[None], past_key_values=cache,
@@ -436,8 +438,8 @@ def main(argv=None) -> int:
     parser.add_argument("--text-steps", type=int, default=1100)
     parser.add_argument("--vq-state", help="file keeping the trained VQ-VAE: loaded when it exists (to retrain only "
                         "the text decoder), written after training otherwise")
-    parser.add_argument("--text-state", help="file keeping the trained text decoder (and the visual tokens it learned): "
-                        "loaded when it exists, written after training otherwise")
+    parser.add_argument("--text-state", help="file keeping the trained text decoder (and the visual tokens it "
+                        "learned): loaded when it exists, written after training otherwise")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="storage dtype of the weights (transformers and vLLM upcast bf16 for fp32 runs)")
     args = parser.parse_args(argv)

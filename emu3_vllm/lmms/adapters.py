@@ -16,16 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loguru import logger as eval_logger
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
+from loguru import logger as eval_logger
 
 from .. import settings
 from ..prompts import NEGATIVE_PROMPT
 from .torchrun import Launch
 
 # The HF integration's default template for the image to draw when a task gives no [GEN_PROMPT].
-GENERATION_PROMPT_TEMPLATE = "Generate a detailed visual diagram or illustration to help answer this question: {question}"
+GENERATION_PROMPT_TEMPLATE = (
+    "Generate a detailed visual diagram or illustration to help answer this question: {question}"
+)
 _GEN_PROMPT = re.compile(r"\[GEN_PROMPT\](.*?)\[/GEN_PROMPT\]", re.S)
 _QUESTION = re.compile(r"\[QUESTION\](.*?)\[/QUESTION\]", re.S)
 
@@ -77,7 +79,9 @@ def _engine_kwargs(tensor_parallel_size, device_map, gpu_memory_utilization, max
 
     if device_map not in (None, "auto", "cuda", "cuda:0", "cpu") and tensor_parallel_size is None:
         eval_logger.warning(f"device_map={device_map!r} has no vLLM meaning; use tensor_parallel_size")
-    kwargs: dict[str, Any] = {"tensor_parallel_size": _as_number(tensor_parallel_size or 1, "tensor_parallel_size", int)}
+    kwargs: dict[str, Any] = {
+        "tensor_parallel_size": _as_number(tensor_parallel_size or 1, "tensor_parallel_size", int)
+    }
     for name, value in (("gpu_memory_utilization", gpu_memory_utilization), ("max_num_seqs", max_num_seqs),
                         ("dtype", dtype), ("max_model_len", max_model_len), ("enforce_eager", enforce_eager)):
         if value is not None:
@@ -176,7 +180,8 @@ class _Emu3Base(lmms):
         **kwargs,
     ) -> None:
         super().__init__()
-        self.batch_size_per_gpu = _as_number(batch_size, "batch_size", int) if batch_size != "auto" else 1  # vLLM batches by itself; kept for lmms-eval's bookkeeping
+        # vLLM batches by itself; kept for lmms-eval's bookkeeping
+        self.batch_size_per_gpu = _as_number(batch_size, "batch_size", int) if batch_size != "auto" else 1
         self.fail_gracefully = _as_bool(fail_gracefully, "fail_gracefully")
         self.seed = _as_number(seed, "seed", int, settings.EngineSeed)
         for key in ("device", "max_batch_size"):

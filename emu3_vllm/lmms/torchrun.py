@@ -31,7 +31,7 @@ class Launch:
     data_parallel_size: int = 1
 
     @classmethod
-    def from_env(cls, tensor_parallel_size: int, data_parallel_size: int | None) -> "Launch":
+    def from_env(cls, tensor_parallel_size: int, data_parallel_size: int | None) -> Launch:
         """Check the model_args against the launch; `data_parallel_size` defaults to WORLD_SIZE / TP under torchrun
         (a single process runs one engine, over `tensor_parallel_size` devices of its own)."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
