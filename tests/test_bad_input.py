@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+from conftest import random_image
 from PIL import Image
 
-from conftest import random_image
+pytestmark = pytest.mark.engine
 
 
 def test_bad_items_do_not_sink_the_batch(engine_factory, tmp_path):

@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import USER_ENV
+
+pytestmark = pytest.mark.engine
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -61,7 +64,8 @@ def test_bench_serving_smoke(tmp_path, checkpoints, emu3_server):
     assert all(r["images_per_s"] > 0 and r["latency_s"]["p99"] >= r["latency_s"]["p50"] > 0
                for r in server["by_concurrency"])
     for rss in (server["rss"], offline["rss"]):
-        assert rss["end_mib"] > 0 and rss["requests"] == 8 and set(rss["growth_mib_by_role"]) >= {"front_end", "workers"}
+        assert rss["end_mib"] > 0 and rss["requests"] == 8
+        assert set(rss["growth_mib_by_role"]) >= {"front_end", "workers"}
     assert all(r["images_per_s"] > 0 and r["errors"] == 0 for r in offline["by_concurrency"])
     assert set(result["server_over_offline"]) == {"1", "3"}  # JSON keys
     assert (tmp_path / "bench_serving.png").stat().st_size > 0

@@ -41,7 +41,8 @@ def _one_pair(vocab=64, seed=0):
 def _args(p, scale=3.0, temperature=1.0, top_k=0, seed=0, position=0):
     full = lambda v, dt: torch.full((p,), v, dtype=dt)  # noqa: E731
     return dict(scale=full(scale, torch.float32), temperature=full(temperature, torch.float32),
-                top_k=full(top_k, torch.long), key=full(pair_key(seed), torch.long), position=full(position, torch.long))
+                top_k=full(top_k, torch.long), key=full(pair_key(seed), torch.long),
+                position=full(position, torch.long))
 
 
 @pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.7, 5), (1.3, 12)])

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from emu3_vllm.protocol import COND, EXTRA_ARGS_KEY, UNCOND
 from emu3_vllm.kernels import cfg_sample_reference, pair_key
+from emu3_vllm.protocol import COND, EXTRA_ARGS_KEY, UNCOND
 
 SLOTS = 8
 PROMPT = {0: 9, 2: 30, 3: 7, 5: 12, 7: 40}  # prompt length per occupied slot
@@ -130,9 +130,8 @@ def test_a_recycled_slot_forgets_its_previous_pair(vllm_config):
 
 def test_v1_interface_is_not_what_v2_loads(vllm_config):
     """vLLM's V2 loader accepts only subclasses of its V2 interface: the adapters are not interchangeable."""
-    from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2Interface
-
     from vllm.utils.import_utils import resolve_obj_by_qualname
+    from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2Interface
 
     from emu3_vllm.engine import CFG_PROCESSORS
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from emu3_vllm import make_random_checkpoint
 
 
@@ -53,12 +55,11 @@ def test_overrides_reach_text_vq_and_processor(tmp_path):
 
 
 def test_unknown_override_is_a_clear_error(tmp_path):
-    import pytest
-
     with pytest.raises(ValueError, match="unknown checkpoint override 'hiden_size'"):
         make_random_checkpoint(tmp_path / "bad", hiden_size=3)
 
 
+@pytest.mark.engine  # runs the CLI
 def test_8b_shape_has_the_released_emu3_ids(tmp_path):
     """Config, tokenizer and processor of the real shape (weights skipped: 16 GB)."""
     from transformers import Emu3Config, Emu3Processor

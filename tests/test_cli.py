@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from cli_helpers import ENGINE_FLAGS, assert_manifest_names_complete_files, cli, counts, manifest
+
+pytestmark = pytest.mark.engine
 
 
 def _one_line_error(proc, fragment: str) -> None:

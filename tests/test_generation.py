@@ -20,6 +20,7 @@ def hf_cfg_greedy(hf, cond: str, uncond: str, h: int, w: int, scale: float, ids)
     return hf_generate_image_tokens(model, processor.tokenizer, cond, uncond, h, w, scale, ids)
 
 
+@pytest.mark.engine
 @pytest.mark.parametrize("shape", ["a", "b"])
 @pytest.mark.parametrize("scale", [1.5, 3.0])
 @pytest.mark.parametrize("grid", [(4, 4), (3, 5)])
@@ -65,6 +66,7 @@ def test_no_nan_where_both_rows_are_masked():
     assert math.isinf(out[0, 1]) and math.isinf(out[0, 2]) and math.isfinite(out[0, 0])
 
 
+@pytest.mark.engine
 def test_bad_generation_items_do_not_sink_the_batch(engine_factory):
     engine = engine_factory("a")
     good = engine.generate_images(["a red emu"], height=32, width=32, seed=5, use_tqdm=False)[0]
@@ -91,6 +93,7 @@ def test_bad_generation_items_do_not_sink_the_batch(engine_factory):
         assert ok.codes == good.codes  # seed 5 both times: the bad items change nothing
 
 
+@pytest.mark.engine
 def test_seed_gives_the_same_image_whatever_the_batch(engine_factory):
     engine = engine_factory("a")
     batch = engine.generate_images(PROMPTS, height=32, width=40, seed=[11, 12, 13], use_tqdm=False)
@@ -99,6 +102,7 @@ def test_seed_gives_the_same_image_whatever_the_batch(engine_factory):
     assert batch[0].codes != batch[1].codes
 
 
+@pytest.mark.engine
 def test_negative_prompt_is_prefilled_once_and_cuda_graphs_are_left_alone(engine_factory, checkpoints):
     """Prefix caching serves the shared negative prompt to every uncond half after the first."""
     import inspect
@@ -119,6 +123,7 @@ def test_negative_prompt_is_prefilled_once_and_cuda_graphs_are_left_alone(engine
     assert "enforce_eager" not in inspect.getsource(Emu3.__init__)
 
 
+@pytest.mark.engine
 def test_a_half_the_engine_rejects_does_not_strand_its_twin(engine_factory, monkeypatch):
     """If the engine refuses an uncond half after accepting its cond half, the cond half is aborted: the call
     returns (the scheduler would otherwise hold it forever for a twin that never comes) and the rest is served."""

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from cli_helpers import manifest
 from PIL import Image
 
-from cli_helpers import manifest
 
-
+@pytest.mark.engine
 def test_a_wrong_typed_override_fails_its_item_and_leaves_the_engine_clean(engine_factory):
     engine = engine_factory("a")
     results = engine.generate_images(["good one", {"prompt": "x", "seed": "abc"}, "good two"], height=16, width=16,
@@ -24,6 +24,7 @@ def test_a_wrong_typed_override_fails_its_item_and_leaves_the_engine_clean(engin
     assert len(engine.generate_images(["next call"], height=16, width=16, use_tqdm=False)) == 1
 
 
+@pytest.mark.engine
 def test_an_exception_while_enqueueing_aborts_what_the_call_enqueued(engine_factory):
     engine = engine_factory("a")
 
@@ -38,6 +39,7 @@ def test_an_exception_while_enqueueing_aborts_what_the_call_enqueued(engine_fact
     assert answers[0].ok and len(answers) == 1
 
 
+@pytest.mark.engine
 def test_a_plain_string_is_one_item(engine_factory):
     engine = engine_factory("a")
     assert len(engine.generate_images("a cat", height=16, width=16, use_tqdm=False)) == 1
@@ -45,6 +47,7 @@ def test_a_plain_string_is_one_item(engine_factory):
     assert len(engine.understand({"text": "Describe a cat"}, max_new_tokens=2, use_tqdm=False)) == 1
 
 
+@pytest.mark.engine
 def test_tiny_and_thin_images_are_answered_and_the_aspect_limit_is_named(engine_factory):
     engine = engine_factory("a")
     items = [("What is this?", [Image.new("RGB", (1, 1), "red")]),
@@ -56,6 +59,7 @@ def test_tiny_and_thin_images_are_answered_and_the_aspect_limit_is_named(engine_
                                 "takes at most 200")
 
 
+@pytest.mark.engine
 def test_seeds_and_sizes_follow_one_rule(engine_factory):
     engine = engine_factory("a")
     results = engine.generate_images([{"prompt": "a", "seed": 1.7}, {"prompt": "b", "seed": 2.0},
@@ -68,6 +72,7 @@ def test_seeds_and_sizes_follow_one_rule(engine_factory):
     assert "item 3: height 3 is below one 8-pixel token" in results[3].error
 
 
+@pytest.mark.engine
 def test_call_level_arguments_are_checked_before_anything_runs(engine_factory):
     engine = engine_factory("a")
     with pytest.raises(ValueError, match="cfg_scale must be a finite number > 0, got 0.0"):
@@ -139,6 +144,7 @@ def _fuzz_lines() -> list[tuple[str, str | None]]:
     return cases
 
 
+@pytest.mark.engine
 def test_fuzzed_prompts_file_each_good_line_draws_each_bad_line_fails_alone(engine_factory, tmp_path):
     from emu3_vllm.image_folder import FolderJob
     from emu3_vllm.inputs import GenerationDefaults
@@ -182,6 +188,7 @@ def test_lmms_eval_model_args_are_checked_by_name_before_an_engine_starts():
         Emu3VLLM(pretrained="/no/such/checkpoint", fail_gracefully="maybe")
 
 
+@pytest.mark.engine
 def test_values_past_what_the_engine_holds_fail_their_item_and_the_engine_lives(engine_factory, checkpoints):
     """top_k >= 2**63 used to kill the engine from inside the CFG step; an int64-overflowing seed broke the shard
     writer; an 8x8 image failed in VQ decode after its tokens were drawn. Each is now refused where it enters."""
@@ -208,6 +215,7 @@ def test_values_past_what_the_engine_holds_fail_their_item_and_the_engine_lives(
     assert engine.generate_images(["the next call"], height=16, width=16, seed=3, use_tqdm=False)[0].ok
 
 
+@pytest.mark.engine
 def test_a_second_thread_is_told_the_engine_is_busy_and_the_first_call_finishes(engine_factory):
     import threading
 

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import USER_ENV, random_image
+
 from emu3_vllm import shapes
 from emu3_vllm.checkpoints import shapes_checkpoint
 
@@ -151,6 +151,7 @@ def _response(sample) -> str:
     return resp
 
 
+@pytest.mark.engine
 def test_understanding_tasks_end_to_end_match_the_offline_api(shapes_engine, tasks_dir, tmp_path):
     """One lmms-eval run of the trained shapes checkpoint on two tasks: answers equal `Emu3.understand`'s, a doc
     whose image is corrupt fails alone, and the shapes questions about fresh pictures are answered right."""
@@ -177,6 +178,7 @@ def test_understanding_tasks_end_to_end_match_the_offline_api(shapes_engine, tas
     assert len(shapes_samples) == len(rows) and exact_match >= 0.9
 
 
+@pytest.mark.engine
 def test_understanding_without_fail_gracefully_stops_naming_the_doc(checkpoints, tasks_dir, tmp_path):
     args = f"pretrained={checkpoints['a']},mode=understanding,max_new_tokens=8,{ENGINE_ARGS},fail_gracefully=false"
     proc, results, _ = run_lmms_eval("emu3_vllm", args, "emu3_tiny_und", tasks_dir, tmp_path)
@@ -184,6 +186,7 @@ def test_understanding_without_fail_gracefully_stops_naming_the_doc(checkpoints,
     assert "emu3_tiny_und doc 2: cannot load its images" in proc.stdout + proc.stderr
 
 
+@pytest.mark.engine
 def test_generation_task_writes_images_and_returns_json(checkpoints, tasks_dir, tmp_path):
     out_dir = tmp_path / "images"
     args = (f"pretrained={checkpoints['a']},mode=generation,image_height=32,image_width=32,cfg_scale=3.0,"
@@ -196,6 +199,7 @@ def test_generation_task_writes_images_and_returns_json(checkpoints, tasks_dir, 
         assert payload["text"] == "" and payload["images"] == [str(out_dir / f"emu3_tiny_gen_{sample['doc_id']}_0.png")]
 
 
+@pytest.mark.engine
 def test_visual_cot_runs_both_stages_and_saves_intermediates(checkpoints, tasks_dir, tmp_path):
     inter = tmp_path / "intermediate"
     args = (f"pretrained={checkpoints['a']},gen_pretrained={checkpoints['b']},stage1_image_height=32,"
@@ -238,6 +242,7 @@ def test_launch_sizes_are_checked_against_the_torchrun_world(monkeypatch):
 TORCHRUN_2 = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
 
 
+@pytest.mark.engine
 def test_data_parallel_torchrun_understanding_matches_one_rank(checkpoints, engine_factory, tasks_dir, tmp_path):
     """Two ranks on vLLM's external launcher: each answers its share (rank 0 has the corrupt image, rank 1 only good
     docs), lmms-eval gathers, and the answers are the single-engine ones."""
@@ -262,6 +267,7 @@ def test_data_parallel_torchrun_understanding_matches_one_rank(checkpoints, engi
 
 
 
+@pytest.mark.engine
 def test_data_parallel_torchrun_visual_cot_draws_and_answers_as_one_engine(checkpoints, engine_factory, tasks_dir,
                                                                            tmp_path):
     """Visual CoT on two ranks (data_parallel_size follows from the 2 processes): rank 0 has one drawable doc and

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import ENGINE_KWARGS
+
+pytestmark = pytest.mark.engine
 
 # Very different prompt lengths (the tiny tokenizer is one token per byte).
 PROMPTS = [("emu " * n).strip() for n in (1, 5, 40, 2, 80, 3, 20, 60, 7, 1, 33, 4, 90, 12, 2, 50)]

@@ -88,7 +88,8 @@ def _run_limited(fmt: str, out: Path, prompts: list, limit: int) -> dict:
     code = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_output_writers as writers; "
             "writers._child_main(*sys.argv[1:])")
     proc = subprocess.run([sys.executable, "-c", code, fmt, str(out), json.dumps(prompts)], check=False,
-                          capture_output=True, text=True, env=cli_env(), preexec_fn=_file_size_limit(limit), timeout=300)
+                          capture_output=True, text=True, env=cli_env(), preexec_fn=_file_size_limit(limit),
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)
 
@@ -183,13 +184,15 @@ def test_a_failed_shard_write_removes_the_shards_temporary_files_and_a_resume_co
     assert sorted(read_shards(out)) == [0, 1, 2, 3]
 
 
+@pytest.mark.engine  # runs the CLI
 @pytest.mark.parametrize(("fmt", "limit", "fails"), [("folder", 200, "manifest.jsonl"),
                                                      ("webdataset", 4096, "00000.tar")])
 def test_a_failed_write_ends_generate_with_its_summary_and_one_error_line(checkpoints, tmp_path, fmt, limit, fails):
     # Null prompts need no engine, yet each is written: a manifest line (~90 bytes) or a tar member.
     prompts = _null_prompts_parquet(tmp_path / "prompts.parquet", 4)
     out = tmp_path / "out"
-    args = ["generate", "--model", checkpoints["a"], "--prompts", prompts, "--out", out, "--format", fmt, "--no-progress"]
+    args = ["generate", "--model", checkpoints["a"], "--prompts", prompts, "--out", out, "--format", fmt,
+            "--no-progress"]
     if fmt == "webdataset":
         args += ["--shard-size", 2]
 
@@ -258,6 +261,7 @@ def _refused(proc, fragment: str) -> None:
     assert proc.stdout == ""
 
 
+@pytest.mark.engine  # runs the CLI
 def test_a_folder_holds_one_output_format_and_options_it_would_ignore_are_refused(checkpoints, tmp_path):
     shards, folder = tmp_path / "shards", tmp_path / "folder"
     _job("webdataset", shards, ["a"], shard_size=1).run(Drawer(), progress=False)

@@ -10,12 +10,13 @@ import signal
 import time
 
 import pytest
-
 from cli_helpers import ENGINE_FLAGS, cli_process
 from conftest import ENGINE_KWARGS
 from shard_helpers import assert_same_image, read_shards
 
 ray = pytest.importorskip("ray")
+
+pytestmark = pytest.mark.engine
 
 N, SHARD_SIZE, SEED = 26, 8, 7  # shards 0-3 hold 8, 8, 8 and 2 images
 PROMPTS = [f"a small emu on a hill, take {i}" for i in range(N)]

@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-
 from conftest import SERVED_MODEL, SERVER_FLAGS, Server, random_image
 
 pytestmark = pytest.mark.engine
@@ -62,7 +61,8 @@ def test_chat_with_an_image_equals_understand(emu3_server, engine_factory):
     asks = [[{"type": "image_url", "image_url": {"url": data_uri(image)}}, {"type": "text", "text": "What is this?"}],
             "Describe a cat."]
     for content, expected in zip(asks, offline):
-        reply = client.chat.completions.create(model=SERVED_MODEL, messages=[system, {"role": "user", "content": content}],
+        reply = client.chat.completions.create(model=SERVED_MODEL,
+                                               messages=[system, {"role": "user", "content": content}],
                                                max_tokens=8, temperature=0, extra_body={"return_token_ids": True})
         choice = reply.choices[0]
         assert list(choice.token_ids) == list(expected.token_ids)
@@ -73,6 +73,41 @@ def test_chat_with_an_image_equals_understand(emu3_server, engine_factory):
     reply = client.completions.create(model=SERVED_MODEL, prompt=prompt, max_tokens=8, temperature=0,
                                       extra_body={"return_token_ids": True})
     assert list(reply.choices[0].token_ids) == list(offline[1].token_ids)
+
+
+def _odd_image_files() -> dict[str, tuple[str, bytes]]:
+    """Files a viewer shows differently from a bare `convert("RGB")`: (media type, bytes) by name."""
+    from PIL import Image
+
+    def encoded(image, fmt: str, **kwargs) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, format=fmt, **kwargs)
+        return buffer.getvalue()
+
+    photo = random_image(32, 48, seed=5)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: the camera was turned; a viewer rotates the picture upright
+    rgba = np.zeros((40, 40, 4), dtype=np.uint8)
+    rgba[..., 0], rgba[:20, :, 3] = 200, 255  # the lower half is transparent: white to a viewer, black to convert()
+    grey16 = (np.arange(48 * 40, dtype=np.uint32).reshape(48, 40) * 34).astype(np.uint16)
+    return {"EXIF-rotated JPEG": ("image/jpeg", encoded(photo, "JPEG", exif=exif)),
+            "half-transparent RGBA PNG": ("image/png", encoded(Image.fromarray(rgba, "RGBA"), "PNG")),
+            "16-bit grey PNG": ("image/png", encoded(Image.fromarray(grey16), "PNG"))}
+
+
+def test_chat_reads_every_image_file_as_understand_does(emu3_server, engine_factory):
+    """The same file gives the same answer offline and through the server: both read it with one loader."""
+    engine = engine_factory("a")
+    client = emu3_server.client()
+    system = {"role": "system", "content": "You are a helpful assistant."}
+    for name, (media_type, data) in _odd_image_files().items():
+        (offline,) = engine.understand([("What is this?", [data])], max_new_tokens=8, use_tqdm=False)
+        url = f"data:{media_type};base64," + base64.b64encode(data).decode()
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is this?"}]
+        messages = [system, {"role": "user", "content": content}]
+        reply = client.chat.completions.create(model=SERVED_MODEL, messages=messages, max_tokens=8, temperature=0,
+                                               extra_body={"return_token_ids": True})
+        assert offline.ok and list(reply.choices[0].token_ids) == list(offline.token_ids), name
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -307,7 +342,8 @@ def test_lmms_eval_openai_model_through_the_server(emu3_server, engine_factory, 
     (root / "emu3_api_und.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     (root / "emu3_api_und.yaml").write_text(TASK.format(
         name="emu3_api_und", data=root / "emu3_api_und.jsonl", output_type="generate_until", visual="doc_to_visual",
-        text="doc_to_text", metric="exact_match", gen_kwargs="  max_new_tokens: 8\n  do_sample: false\n  temperature: 0"))
+        text="doc_to_text", metric="exact_match",
+        gen_kwargs="  max_new_tokens: 8\n  do_sample: false\n  temperature: 0"))
 
     args = f"model={SERVED_MODEL},base_url={emu3_server.url}/v1,num_concurrent=2,max_retries=1"
     proc, results, samples = run_lmms_eval("openai", args, "emu3_api_und", {"root": root}, tmp_path,

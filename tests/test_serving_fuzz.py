@@ -13,7 +13,6 @@ import json
 import time
 
 import pytest
-
 from conftest import SERVED_MODEL, Server
 
 pytestmark = pytest.mark.engine

@@ -8,11 +8,20 @@ import json
 
 import pytest
 
-from emu3_vllm.images_api import (ImagesCall, ImagesPlugin, ImagesRequest, ImagesResponse, RankChooser, auto_side,
-                                  checkpoint_image_area, choose_rank, parse_images_request, parse_size,
-                                  read_images_request)
+from emu3_vllm.images_api import (
+    ImagesCall,
+    ImagesPlugin,
+    ImagesRequest,
+    ImagesResponse,
+    RankChooser,
+    auto_side,
+    checkpoint_image_area,
+    choose_rank,
+    parse_images_request,
+    parse_size,
+    read_images_request,
+)
 from emu3_vllm.inputs import ItemError
-
 
 # --------------------------------------------------------------------------------------------------------------
 # The launcher

@@ -9,7 +9,9 @@ import math
 import sys
 
 import pytest
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from emu3_vllm.inputs import GenerationDefaults, ItemError, image_spec, image_specs
 from emu3_vllm.prompt_files import read_prompt_file

@@ -107,6 +107,7 @@ def test_a_built_wheel_ships_the_checkpoint(tmp_path):
 # Seeing
 
 
+@pytest.mark.engine
 def test_understanding_answers_colour_and_shape(shapes_engine):
     fresh = shapes.samples(60, seed=UNDERSTANDING_SEED)
     images = [s.image() for s in fresh]
@@ -120,6 +121,7 @@ def test_understanding_answers_colour_and_shape(shapes_engine):
     assert accuracy[shapes.SHAPE_QUESTION] >= 0.9, accuracy
 
 
+@pytest.mark.engine
 def test_vq_round_trip_keeps_the_picture_where_it_was(shapes_engine):
     """The engine's VQ encoder, then the VQ decoder: PSNR >= 25 dB, and the shape stays put (nothing transposed
     or flipped: the centroid moves less than 2 px)."""
@@ -147,6 +149,7 @@ def _accuracy(results, captions):
     return colour, shape
 
 
+@pytest.mark.engine
 def test_drawings_follow_their_captions_and_guidance_helps(shapes_engine):
     captions = shapes.all_captions() * len(GENERATION_SEEDS)
     seeds = [base + i for base in GENERATION_SEEDS for i in range(18)]
@@ -157,6 +160,7 @@ def test_drawings_follow_their_captions_and_guidance_helps(shapes_engine):
     assert by_scale[3.0][0] >= by_scale[1.0][0], by_scale
 
 
+@pytest.mark.engine
 def test_visual_chain_of_thought_reads_back_what_it_drew(shapes_engine):
     """Stage 1 draws "a {colour} {shape}"; stage 2, asked the colour of the drawn picture, answers it."""
     captions = shapes.all_captions()
@@ -167,6 +171,7 @@ def test_visual_chain_of_thought_reads_back_what_it_drew(shapes_engine):
     assert accuracy >= 0.8
 
 
+@pytest.mark.engine
 def test_the_demo_answers_right_and_draws_its_captions(shapes_engine, tmp_path):
     """`emu3-vllm demo`, the README's first command, on the session's engine."""
     import io
@@ -203,6 +208,7 @@ def hf_shapes():
         Emu3Processor.from_pretrained(path)
 
 
+@pytest.mark.engine
 def test_greedy_generation_matches_transformers(shapes_engine, hf_shapes):
     from emu3_vllm.hf_reference import hf_generate_image_tokens
     from emu3_vllm.layout import parse_image_tokens
@@ -218,6 +224,7 @@ def test_greedy_generation_matches_transformers(shapes_engine, hf_shapes):
         assert shapes.classify(result.image)[0] == caption.split()[1]  # greedy guidance keeps the colour
 
 
+@pytest.mark.engine
 def test_greedy_understanding_matches_transformers(shapes_engine, hf_shapes):
     from emu3_vllm.hf_reference import hf_understand
 

@@ -8,7 +8,6 @@ import re
 import subprocess
 
 import pytest
-
 from cli_helpers import ENGINE_FLAGS, cli, cli_process, last_json_line
 from shard_helpers import assert_same_image, read_shards
 
@@ -62,6 +61,7 @@ def test_parquet_prompts_read_nulls_as_the_run_settings_and_bad_files_as_usage_e
         read_prompt_file(not_parquet)
 
 
+@pytest.mark.engine
 def test_two_shard_processes_cover_one_job_and_resume_shard_by_shard(checkpoints, engine_factory, prompts_parquet,
                                                                      tmp_path):
     from emu3_vllm.image_folder import ChangedSettingsError, OutputError
@@ -124,6 +124,7 @@ def test_two_shard_processes_cover_one_job_and_resume_shard_by_shard(checkpoints
     assert "2 shard(s) with images made with other seed: 00000, 00002" in refused.stderr
 
 
+@pytest.mark.engine  # runs the CLI
 def test_scale_out_options_are_checked_before_any_engine(checkpoints, tmp_path):
     gen = ["generate", "--model", checkpoints["a"], "--out", tmp_path / "o", "--prompt", "x"]
     proc = cli(*gen, "--format", "folder", "--replicas", 2)

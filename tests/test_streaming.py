@@ -9,8 +9,9 @@ import signal
 import time
 
 import pytest
-
 from cli_helpers import ENGINE_FLAGS, assert_manifest_names_complete_files, cli, cli_process, counts, manifest
+
+pytestmark = pytest.mark.engine
 
 
 def test_iter_images_over_a_generator_of_200_prompts_keeps_the_window(engine_factory):

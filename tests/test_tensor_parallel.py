@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import ENGINE_KWARGS, random_image
 
 
@@ -32,6 +31,7 @@ def test_cpu_binding_gives_each_rank_its_own_cores_unless_the_user_chose(monkeyp
     assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "1|0"
 
 
+@pytest.mark.engine
 def test_two_ranks_answer_and_draw_exactly_as_one(checkpoints, engine_factory):
     import torch
 

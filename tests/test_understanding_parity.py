@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_image
 
 from emu3_vllm.hf_reference import hf_understand
 
-from conftest import random_image
+pytestmark = pytest.mark.engine
 
 MAX_NEW_TOKENS = 12
 
@@ -57,7 +58,7 @@ def test_vq_encoder_matches_transformers(engine_factory, hf_factory, shape):
     with torch.no_grad():
         ref = model.model.get_image_tokens(inputs["pixel_values"], inputs["image_sizes"]).tolist()
     assert [t for img in ours for t in img] == ref
-    for single, image in zip(ours, images):  # one image alone: no padding from the other
+    for _single, image in zip(ours, images):  # one image alone: no padding from the other
         alone = processor.image_processor(images=[image], return_tensors="pt")
         with torch.no_grad():
             ref_alone = model.model.get_image_tokens(alone["pixel_values"], alone["image_sizes"]).tolist()

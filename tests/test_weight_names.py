@@ -23,5 +23,6 @@ def test_serialized_and_in_memory_names_map_to_the_same_params(checkpoints):
     mapped_serialized = [mapper._map_name(n) for n in serialized]
     mapped_in_memory = [mapper._map_name(n) for n in in_memory]
     assert mapped_serialized == mapped_in_memory
-    assert all(n.startswith(("language_model.model.", "language_model.lm_head.", "vqmodel.")) for n in mapped_serialized)
+    prefixes = ("language_model.model.", "language_model.lm_head.", "vqmodel.")
+    assert all(n.startswith(prefixes) for n in mapped_serialized)
     assert "language_model.lm_head.weight" in mapped_serialized
