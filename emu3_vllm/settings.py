@@ -160,7 +160,10 @@ def explain(error: ValidationError, field: str | None = None, given: dict | None
         template = "must be a positive integer"
     elif first["type"] == "greater_than":
         template = "must be a finite number > {gt}"
-    what = template.format(**first.get("ctx", {})) if template else first["msg"]
+    # A float bound that is whole reads as the integer it is (> 0, not > 0.0).
+    bounds = {key: int(value) if isinstance(value, float) and value.is_integer() else value
+              for key, value in first.get("ctx", {}).items()}
+    what = template.format(**bounds) if template else first["msg"]
     if first["type"] == "missing":
         return SettingsError(f"{field} {what}", field)
     if first["type"] == "extra_forbidden":
