@@ -33,7 +33,7 @@ class Emu3:
     def __init__(self, model: str | os.PathLike, *, seed: int = 0, **engine_kwargs: Any):
         from transformers import Emu3Processor
 
-        from .engine import EngineLimits, check_engine_kwargs, check_model, start_llm
+        from .engine import EngineLimits, check_engine_kwargs, check_kv_cache, check_model, start_llm
         from .layout import ImageTokenIds
         from .settings import EngineSeed, SettingsError, check_value
 
@@ -43,6 +43,7 @@ class Emu3:
             raise ValueError(str(exc)) from None
         engine_kwargs = check_engine_kwargs(engine_kwargs)
         self.model = check_model(model)
+        check_kv_cache(self.model, engine_kwargs.get("kv_cache_dtype"))
         self.processor = Emu3Processor.from_pretrained(self.model)
         tokenizer = self.processor.tokenizer
         self.token_ids = ImageTokenIds.from_tokenizer(tokenizer)

@@ -128,18 +128,23 @@ def _engine(args):
 def _engine_kwargs(args) -> dict:
     kwargs = dict(args.engine_arg or [])
     kwargs["dtype"] = args.dtype
-    for name in ("max_model_len", "tensor_parallel_size", "gpu_memory_utilization", "max_num_seqs"):
+    for name in ("max_model_len", "tensor_parallel_size", "gpu_memory_utilization", "max_num_seqs", "kv_cache_dtype"):
         value = getattr(args, name, None)
         if value is not None:
             kwargs[name] = value
     if args.enforce_eager:
         kwargs["enforce_eager"] = True
-    from .engine import check_engine_kwargs
+    from .engine import check_engine_kwargs, check_kv_cache
 
     try:
-        return check_engine_kwargs(kwargs)
+        kwargs = check_engine_kwargs(kwargs)
     except ValueError as exc:
         raise UsageError(f"--engine-arg {exc}") from None
+    try:
+        check_kv_cache(args.model, kwargs.get("kv_cache_dtype"))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return kwargs
 
 
 def _check_model(args) -> None:
@@ -404,6 +409,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", dest="gpu_memory_utilization", type=_positive_float)
     p.add_argument("--max-num-seqs", dest="max_num_seqs", type=_positive_int)
     p.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs / compilation")
+    p.add_argument("--kv-cache-dtype", dest="kv_cache_dtype",
+                   help="vLLM's KV cache dtype: auto (the model's) or fp8, which holds twice the tokens")
     p.add_argument("--engine-arg", dest="engine_arg", type=_key_value, action="append", metavar="KEY=VALUE",
                    help="any other vllm.LLM argument, e.g. --engine-arg num_gpu_blocks_override=64")
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=_positive_int, default=64)

@@ -156,6 +156,38 @@ def check_engine_kwargs(engine_kwargs: dict[str, Any]) -> dict[str, Any]:
     return checked
 
 
+def head_size(model: str) -> int | None:
+    """The attention head size of a local checkpoint's text model (None for a hub id or an unreadable config)."""
+    import json
+
+    try:
+        config = json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    text = config.get("text_config") or config
+    if text.get("head_dim"):
+        return int(text["head_dim"])
+    if text.get("hidden_size") and text.get("num_attention_heads"):
+        return int(text["hidden_size"]) // int(text["num_attention_heads"])
+    return None
+
+
+def check_kv_cache(model: str, kv_cache_dtype: Any) -> None:
+    """An FP8 KV cache that vLLM's CPU attention would refuse only inside the started engine (a traceback from its
+    worker), refused now in one line: it needs AVX-512 or AMX, and a head size divisible by 32."""
+    if not isinstance(kv_cache_dtype, str) or not kv_cache_dtype.startswith("fp8") or not on_cpu():
+        return
+    import torch
+
+    if not (torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()):
+        raise ValueError(f"kv_cache_dtype {kv_cache_dtype}: vLLM stores an FP8 KV cache on a CPU only with AVX-512 or "
+                         "AMX, and this CPU has neither; leave kv_cache_dtype at auto")
+    size = head_size(model)
+    if size is not None and size % 32:
+        raise ValueError(f"kv_cache_dtype {kv_cache_dtype}: vLLM's CPU attention needs a head size divisible by 32 "
+                         f"for an FP8 KV cache, and {model} has {size}; leave kv_cache_dtype at auto")
+
+
 def start_llm(model: str, *, seed: int = 0, **engine_kwargs: Any):
     """A `vllm.LLM` set up for Emu3 (see `emu3_engine_kwargs`), and whether it runs Model Runner V2."""
     from vllm import LLM

@@ -187,7 +187,7 @@ def generate_on_ray(model: str | os.PathLike, prompts: Iterable[Any], out: str |
     over the same `out` skips the finished shards and refuses shards made with other settings unless
     `regenerate_changed`. See the module docstring for how replicas are placed.
     """
-    from .engine import check_engine_kwargs, check_model
+    from .engine import check_engine_kwargs, check_kv_cache, check_model
     from .inputs import GenerationDefaults
     from .settings import Seed, SettingsError, check_value
 
@@ -197,6 +197,7 @@ def generate_on_ray(model: str | os.PathLike, prompts: Iterable[Any], out: str |
         raise ValueError(str(exc)) from None
     engine_kwargs = check_engine_kwargs(engine_kwargs or {})
     model = check_model(model)
+    check_kv_cache(model, engine_kwargs.get("kv_cache_dtype"))
     defaults = GenerationDefaults(height=height, width=width, cfg_scale=cfg_scale, negative_prompt=negative_prompt,
                                   positive_suffix=positive_suffix, top_k=top_k, temperature=temperature).checked()
     job = ShardJob(Path(out), model, list(prompts), defaults, seed, shard_size=shard_size,

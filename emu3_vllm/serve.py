@@ -95,7 +95,7 @@ def parse_args(argv: list[str]) -> Namespace:
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    from .engine import check_model
+    from .engine import check_kv_cache, check_model
 
     cli_env_setup()
     parser = make_arg_parser(FlexibleArgumentParser(
@@ -106,6 +106,7 @@ def parse_args(argv: list[str]) -> Namespace:
     if args.model_tag is None and args.model == parser.get_default("model"):
         parser.error("give the Emu3 checkpoint: emu3-vllm serve MODEL [flags]")
     check_model(args.model_tag or args.model)
+    check_kv_cache(args.model_tag or args.model, args.kv_cache_dtype)
     return emu3_serve_args(args)
 
 
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         refuse_early(argv)
         args = parse_args(argv)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:
         print(f"emu3-vllm serve: error: {exc}", file=sys.stderr)
         return 2
     from vllm.entrypoints.cli.serve import ServeSubcommand

@@ -66,7 +66,8 @@ def test_input_errors_exit_2_before_any_engine(checkpoints, prompt_files, tmp_pa
                            ((*gen, "--prompt", "x", "--engine-arg", "num_gpu_blocks_override=many"),
                             "--engine-arg num_gpu_blocks_override: Input should be a valid integer"),
                            ((*gen, "--prompt", "x", "--engine-arg", "no_such_option=1"),
-                            "no_such_option: not a vLLM engine argument")):
+                            "no_such_option: not a vLLM engine argument"),
+                           ((*gen, "--prompt", "x", "--kv-cache-dtype", "fp9"), "kv_cache_dtype: Input should be")):
         proc = cli(*args)
         assert proc.returncode == 2 and fragment in proc.stderr, (args, proc.stderr)
         assert "Traceback" not in proc.stderr and fragment in proc.stderr.strip().splitlines()[-1], proc.stderr

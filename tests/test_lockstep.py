@@ -73,3 +73,23 @@ def test_async_pair_scheduler_gives_the_same_images(checkpoints, engine_factory)
     reference = engine_factory("a").generate_images(PROMPTS[:8], height=48, width=48, seed=3, use_tqdm=False)
     assert all(r.error is None for r in results), [r.error for r in results if r.error]
     assert [r.codes for r in results] == [r.codes for r in reference]
+
+
+def test_fp8_kv_cache_keeps_pairs_whole_under_kv_pressure_and_a_seed_draws_its_image_in_any_crowd(checkpoints):
+    """The same KV-starved cache as above, in FP8: whole pairs are preempted and resumed, and each seed gives
+    the same image in the crowd as alone (FP8 rounding changes which codes a seed draws against auto, never whether
+    a pair stays in lockstep)."""
+    from emu3_vllm import Emu3
+
+    kwargs = {**ENGINE_KWARGS, "block_size": 32, "num_gpu_blocks_override": 48, "max_num_seqs": 64,
+              "disable_log_stats": False, "kv_cache_dtype": "fp8"}
+    seeds = list(range(200, 200 + len(PROMPTS)))
+    with Emu3(checkpoints["a"], **kwargs) as engine:
+        assert engine.llm.llm_engine.vllm_config.cache_config.cache_dtype == "fp8"
+        before = _preemptions(engine)
+        crowd = engine.generate_images(PROMPTS, height=48, width=48, seed=seeds, use_tqdm=False)
+        assert all(r.error is None for r in crowd), [r.error for r in crowd if r.error]
+        assert _preemptions(engine) > before
+        for i in (0, 4, 7, 12):
+            alone = engine.generate_images([PROMPTS[i]], height=48, width=48, seed=seeds[i], use_tqdm=False)[0]
+            assert alone.codes == crowd[i].codes, i
