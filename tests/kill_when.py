@@ -41,6 +41,10 @@ def main() -> int:
     out, count, pid, signum = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     group = "--group" in sys.argv[5:]
     manifest = os.path.join(out, "manifest.jsonl")
+    try:  # ahead of the engine's busy threads on the same cores, where allowed (CI runs as root)
+        os.nice(-10)
+    except OSError:
+        pass
     deadline = time.monotonic() + 600
     while images_in(manifest) < count:
         if not running(pid):

@@ -112,17 +112,18 @@ def test_cli_writes_images_as_they_finish_survives_sigkill_and_ctrl_c_and_resume
                                                                                   tmp_path):
     from emu3_vllm.image_folder import _png_bytes
 
-    n = 16
+    n, side = 24, 128
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"an emu on a hill, take {i}\n" for i in range(n)))
-    # --max-num-seqs 2: one pair at a time, so the images finish one after another (96x96: 159 tokens each). The
-    # kills come early (after 3 images, then 2 more), leaving most of the run as slack.
-    args = ["generate", "--model", checkpoints["a"], "--prompts", prompts, "--height", 96, "--width", 96,
+    # --max-num-seqs 2: one pair at a time, so the images finish one after another (128x128: 275 tokens each, about
+    # a second apiece here). The kills come early (after 3 images, then 2 more), leaving most of the run as slack
+    # for a watcher that a busy machine wakes late.
+    args = ["generate", "--model", checkpoints["a"], "--prompts", prompts, "--height", side, "--width", side,
             "--seed", 7, "--max-num-seqs", 2, "--no-progress", *ENGINE_FLAGS]
     # What an uninterrupted run writes: image i drawn with seed 7 + i (the shared engine's images are the CLI's
     # pixel for pixel), encoded as the CLI encodes it.
-    reference = engine_factory("a").generate_images(prompts.read_text().splitlines(), height=96, width=96, seed=7,
-                                                    use_tqdm=False)
+    reference = engine_factory("a").generate_images(prompts.read_text().splitlines(), height=side, width=side,
+                                                    seed=7, use_tqdm=False)
 
     # SIGKILL mid-way (the CLI process alone, as an OOM killer would): what the manifest names is whole, and images
     # appeared one after another.
