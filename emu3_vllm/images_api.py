@@ -46,20 +46,21 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .inputs import GenerationDefaults, ItemError, image_spec
-from .layout import SPATIAL_FACTOR, pixels_to_tokens
+from .layout import SPATIAL_FACTOR
 from .protocol import COND, UNCOND, ImageSpec, PairError, bare_prompt, pair_codes, pair_prompts, pair_sampling_params
 from .settings import (
     DEFAULT_SIDE,
     INT64_MAX,
     MAX_SIDE,
-    MIN_TOKENS,
     CfgScale,
     ImageCount,
     Prompt,
     Seed,
+    SettingsError,
     Temperature,
     Text,
     TopK,
+    check_grid,
     explain,
     show,
 )
@@ -246,13 +247,10 @@ def parse_size(value: Any, auto: tuple[int, int] = (DEFAULT_SIDE, DEFAULT_SIDE))
     width, height = (int(text) if len(text) <= 9 else MAX_SIDE + 1 for text in (match[1], match[2]))
     if max(width, height) > MAX_SIDE:
         raise ItemError(f"size {show(value)}: each side must be at most {MAX_SIDE} pixels", "size")
-    if min(pixels_to_tokens(width), pixels_to_tokens(height)) < 1:
-        raise ItemError(f"size {show(value)}: each side must be at least {SPATIAL_FACTOR // 2} pixels (rounded to a "
-                        f"multiple of {SPATIAL_FACTOR})", "size")
-    if pixels_to_tokens(width) * pixels_to_tokens(height) < MIN_TOKENS:
-        raise ItemError(f"size {show(value)} is a single {SPATIAL_FACTOR}x{SPATIAL_FACTOR}-pixel token; an image "
-                        f"needs at least {MIN_TOKENS} (the smallest sizes are {SPATIAL_FACTOR}x{2 * SPATIAL_FACTOR} "
-                        f"and {2 * SPATIAL_FACTOR}x{SPATIAL_FACTOR})", "size")
+    try:  # the settings' own rule for the smallest image, named by the request's field
+        check_grid(height, width)
+    except SettingsError as exc:
+        raise ItemError(f"size {show(value)}: {exc}", "size") from None
     return height, width
 
 
