@@ -51,9 +51,9 @@ def kv_blocks_for(ckpt: str, args, block_size: int) -> tuple[int, int]:
     """(KV blocks so that about `kv_fraction` of the images' pairs fit at once, blocks one pair needs)."""
     from transformers import Emu3Processor
 
+    from emu3_vllm.cfg_pairs import ImageSpec, PromptTokens, pair_prompts
     from emu3_vllm.layout import num_image_tokens, pixels_to_grid
     from emu3_vllm.prompts import NEGATIVE_PROMPT, POSITIVE_SUFFIX
-    from emu3_vllm.protocol import ImageSpec, PromptTokens, pair_prompts
 
     tok = Emu3Processor.from_pretrained(ckpt).tokenizer
     h, w = pixels_to_grid(args.height, args.width)
@@ -88,7 +88,7 @@ def generation_args(args) -> dict:
 
 def stream_once(engine, args, take: int, decode: bool, label: str) -> dict:
     """One timed run of the streaming core over all the images, the window as large as the job."""
-    from emu3_vllm.streaming import StreamStats
+    from emu3_vllm.offline.image_stream import StreamStats
 
     stats = StreamStats()
     with _common.timed() as t:
@@ -102,8 +102,8 @@ def stream_once(engine, args, take: int, decode: bool, label: str) -> dict:
 def run_emu3(ckpt, args, kwargs):
     """(a), (a') and (c) on one engine, which is returned open for the head-to-head with (d)."""
     from emu3_vllm import Emu3
+    from emu3_vllm.offline.image_stream import StreamStats
     from emu3_vllm.prompts import NEGATIVE_PROMPT, POSITIVE_SUFFIX
-    from emu3_vllm.streaming import StreamStats
 
     gen = generation_args(args)
     out, take = {}, 0
@@ -233,8 +233,8 @@ def run_transformers(ckpt, args, rows, n_tokens):
     import torch
     from transformers import Emu3ForConditionalGeneration, Emu3Processor
 
-    from emu3_vllm.hf_reference import hf_generate_image_tokens
     from emu3_vllm.layout import ImageTokenIds
+    from emu3_vllm.testing.hf_reference import hf_generate_image_tokens
 
     dtype = getattr(torch, args.dtype or ("bfloat16" if _common.has_cuda() else "float32"))
     device = "cuda" if _common.has_cuda() else "cpu"

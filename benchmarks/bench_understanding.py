@@ -71,8 +71,8 @@ def run_vllm_transformers_backend(ckpt, kwargs, args):
     from transformers import Emu3Processor
     from vllm import LLM, SamplingParams
 
-    from emu3_vllm.inputs import UnderstandingItem
-    from emu3_vllm.understanding import build_prompt
+    from emu3_vllm.offline.items import UnderstandingItem
+    from emu3_vllm.offline.understanding import build_prompt
 
     processor = Emu3Processor.from_pretrained(ckpt)
 
@@ -84,10 +84,10 @@ def run_vllm_transformers_backend(ckpt, kwargs, args):
     with _common.PeakMemory() as mem:
         with _common.timed() as start:
             llm = LLM(model=ckpt, model_impl="transformers", **kwargs)
-        from emu3_vllm import engine_probes
         from emu3_vllm.engine import shutdown_llm
+        from emu3_vllm.vllm_plugin import probes
 
-        model_class = llm.apply_model(engine_probes.model_class_path)[0]
+        model_class = llm.apply_model(probes.model_class_path)[0]
         llm.generate(requests(items(2, args.image_size, take=-1)), params, use_tqdm=False)  # warm-up
         times, tokens = [], 0
         for take in range(args.repeats):
@@ -107,7 +107,7 @@ def run_transformers(ckpt, batch, args):
     import torch
     from transformers import Emu3ForConditionalGeneration, Emu3Processor
 
-    from emu3_vllm.hf_reference import hf_understand
+    from emu3_vllm.testing.hf_reference import hf_understand
 
     dtype = getattr(torch, args.dtype or ("bfloat16" if _common.has_cuda() else "float32"))
     device = "cuda" if _common.has_cuda() else "cpu"

@@ -17,9 +17,19 @@ import os
 import sys
 from pathlib import Path
 
-from .plugin import DIE_WITH_PARENT_ENV
-from .prompts import DEFAULT_CFG_SCALE
-from .settings import DEFAULT_SIDE, DEFAULT_TOP_K, ENGINE_SEED_MAX, CfgScale, EngineSeed, Seed, Side, Temperature, TopK
+from emu3_vllm.prompts import DEFAULT_CFG_SCALE
+from emu3_vllm.settings import (
+    DEFAULT_SIDE,
+    DEFAULT_TOP_K,
+    ENGINE_SEED_MAX,
+    CfgScale,
+    EngineSeed,
+    Seed,
+    Side,
+    Temperature,
+    TopK,
+)
+from emu3_vllm.vllm_plugin.registration import DIE_WITH_PARENT_ENV
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -65,7 +75,7 @@ _non_negative_float = _float_above(0.0, inclusive=True)
 def _setting(field_type, kind: str = "integer"):
     """An argparse type from one of `settings`' field types: the command line takes the same values, with the same
     bounds, as a prompt file or an HTTP request."""
-    from . import settings
+    from emu3_vllm import settings
 
     def parse(text: str):
         try:
@@ -115,7 +125,7 @@ def _results_stream():
 
 def _engine(args):
     """The command's engine; engine arguments vLLM would refuse are a usage error, found before it starts."""
-    from .api import Emu3
+    from emu3_vllm.offline.emu3 import Emu3
 
     # `generate`'s --seed is its images' base seed: images depend on their own seeds alone, never the engine's.
     seed = 0 if args.command == "generate" else args.seed
@@ -134,7 +144,7 @@ def _engine_kwargs(args) -> dict:
             kwargs[name] = value
     if args.enforce_eager:
         kwargs["enforce_eager"] = True
-    from .engine import check_engine_kwargs, check_kv_cache
+    from emu3_vllm.engine import check_engine_kwargs, check_kv_cache
 
     try:
         kwargs = check_engine_kwargs(kwargs)
@@ -148,7 +158,7 @@ def _engine_kwargs(args) -> dict:
 
 
 def _check_model(args) -> None:
-    from .engine import check_model
+    from emu3_vllm.offline.items import check_model
 
     try:
         check_model(args.model)
@@ -157,7 +167,7 @@ def _check_model(args) -> None:
 
 
 def _read_prompt_file(path: str) -> list:
-    from .prompt_files import PromptFileError, read_prompt_file
+    from emu3_vllm.jobs.prompt_source import PromptFileError, read_prompt_file
 
     try:
         return read_prompt_file(path)
@@ -170,7 +180,8 @@ def _read_prompt_file(path: str) -> list:
 
 
 def cmd_make_checkpoint(args) -> int:
-    from .checkpoints import copy_shapes_checkpoint, make_random_checkpoint
+    from emu3_vllm.shapes.trained import copy_shapes_checkpoint
+    from emu3_vllm.testing.checkpoints import make_random_checkpoint
 
     if args.size == "shapes":  # the trained checkpoint that ships with the package, not a random one
         print(f"wrote the trained shapes Emu3 checkpoint to {copy_shapes_checkpoint(args.dir)}")
@@ -199,7 +210,7 @@ def _understanding_items(args) -> list:
 
 
 def _answer_records(items: list, answers: list) -> tuple[list[dict], int]:
-    from .inputs import ItemError, understanding_item
+    from emu3_vllm.offline.items import ItemError, understanding_item
 
     records, failed = [], 0
     for i, (raw, answer) in enumerate(zip(items, answers)):
@@ -240,9 +251,9 @@ def _generation_prompts(args) -> list:
 
 
 def cmd_generate(args) -> int:
-    from .image_folder import FolderJob, OutputError, WriteError
-    from .inputs import GenerationDefaults
-    from .prompts import NEGATIVE_PROMPT
+    from emu3_vllm.jobs.image_folder import FolderJob, OutputError, WriteError
+    from emu3_vllm.offline.items import GenerationDefaults
+    from emu3_vllm.prompts import NEGATIVE_PROMPT
 
     shards = _shard_output(args)
     prompts = _generation_prompts(args)
@@ -320,8 +331,8 @@ def _generate_shards(args, prompts: list, defaults) -> int:
     """`generate` into webdataset shards: in this process, or on a Ray cluster with --replicas."""
     import importlib.util
 
-    from .image_folder import OutputError, WriteError
-    from .shards import DEFAULT_SHARD_SIZE, ShardJob
+    from emu3_vllm.jobs.image_folder import OutputError, WriteError
+    from emu3_vllm.jobs.webdataset import DEFAULT_SHARD_SIZE, ShardJob
 
     on_ray = args.replicas is not None or args.ray_address is not None
     if on_ray and importlib.util.find_spec("ray") is None:
@@ -347,7 +358,7 @@ def _generate_shards(args, prompts: list, defaults) -> int:
     with _results_stream() as out:
         try:
             if on_ray:
-                from .ray_generation import run_on_ray
+                from emu3_vllm.jobs.ray_replicas import run_on_ray
 
                 run_on_ray(job, args.model, replicas=args.replicas or 1, ray_address=args.ray_address,
                            tensor_parallel_size=args.tensor_parallel_size or 1,
@@ -383,8 +394,8 @@ def _generate_shards(args, prompts: list, defaults) -> int:
 
 def cmd_demo(args) -> int:
     """Answer questions about shape images and draw shapes with the trained shapes checkpoint."""
-    from .checkpoints import shapes_checkpoint
-    from .demo import run_demo
+    from emu3_vllm.shapes.demo import run_demo
+    from emu3_vllm.shapes.trained import shapes_checkpoint
 
     args.model = str(shapes_checkpoint())
     with _results_stream() as out_stream:
@@ -506,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault(DIE_WITH_PARENT_ENV, "1")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["serve"]:
-        from .serve import main as serve
+        from emu3_vllm.serving.launcher import main as serve
 
         return serve(argv[1:])
     args = build_parser().parse_args(argv)

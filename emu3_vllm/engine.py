@@ -10,21 +10,17 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from .inputs import ItemError
 
 logger = logging.getLogger("emu3_vllm")
 
 # The CFG adapters by runner (both wrap `cfg.guide_pairs`), as vLLM's `module:Class` names so the same value serves
 # `vllm.LLM(logits_processors=...)` and `--logits-processors` on the server command line.
-CFG_PROCESSORS = {False: "emu3_vllm.cfg_processor:Emu3CfgLogitsProcessor",
-                  True: "emu3_vllm.cfg_processor_v2:Emu3CfgLogitsProcessorV2"}
-PAIR_SCHEDULERS = {False: "emu3_vllm.scheduler.PairAwareScheduler",
-                   True: "emu3_vllm.scheduler.PairAwareAsyncScheduler"}
+CFG_PROCESSORS = {False: "emu3_vllm.vllm_plugin.cfg_processor_v1:Emu3CfgLogitsProcessor",
+                  True: "emu3_vllm.vllm_plugin.cfg_processor_v2:Emu3CfgLogitsProcessorV2"}
+PAIR_SCHEDULERS = {False: "emu3_vllm.vllm_plugin.pair_scheduler.PairAwareScheduler",
+                   True: "emu3_vllm.vllm_plugin.pair_scheduler.PairAwareAsyncScheduler"}
 CPU_KVCACHE_GIB = "1"  # vLLM's CPU default reserves 4 GiB per engine; Emu3's small checkpoints need far less
 # How long a closing CPU engine's processes get before they are killed. Their work is done within a second of the
 # request; what follows is the interpreter tearing down vLLM's and torch's modules (4-5 s of garbage collection),
@@ -122,7 +118,7 @@ def check_engine_kwargs(engine_kwargs: dict[str, Any]) -> dict[str, Any]:
     from vllm import LLM
     from vllm.engine.arg_utils import EngineArgs
 
-    from .settings import EngineSeed, SettingsError, check_value, show
+    from emu3_vllm.settings import EngineSeed, SettingsError, check_value, show
 
     fields = {field.name: field for field in dataclasses.fields(EngineArgs)}
     # `LLM` takes a few arguments of its own besides the engine's.
@@ -202,8 +198,9 @@ def start_llm(model: str, *, seed: int = 0, **engine_kwargs: Any):
         # vLLM refuses a two-group binding for a one-rank engine.
         if not binding_given:
             os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
-    limits = EngineLimits.of(llm.llm_engine.vllm_config)
-    if not limits.pair_scheduler:
+    from emu3_vllm.offline.items import EngineLimits
+
+    if not EngineLimits.of(llm.llm_engine.vllm_config).pair_scheduler:
         logger.warning("scheduler %s is not emu3_vllm's pair-aware scheduler: CFG pairs may fall out of lockstep "
                        "(such images fail with an error)", llm.llm_engine.vllm_config.scheduler_config.scheduler_cls)
     return llm, v2
@@ -212,125 +209,3 @@ def start_llm(model: str, *, seed: int = 0, **engine_kwargs: Any):
 def shutdown_llm(llm) -> None:
     """Stop a `vllm.LLM`'s engine processes now (see `CPU_SHUTDOWN_GRACE_S`)."""
     llm.llm_engine.engine_core.shutdown(timeout=CPU_SHUTDOWN_GRACE_S if on_cpu() else None)
-
-
-class DataParallelLockstep:
-    """Stepping an engine that is one data-parallel rank of several under vLLM's `external_launcher` (torchrun).
-
-    There every engine step is a collective across the data-parallel ranks, so each rank must take the same number
-    of steps: a rank with nothing to do runs vLLM's dummy batch while another still has work, and all ranks agree
-    (one all-reduce per step, as `LLM.generate` does) on when everyone is done.
-    """
-
-    def __init__(self, engine, group):
-        self.engine = engine
-        self.group = group
-
-    @classmethod
-    def of(cls, llm) -> DataParallelLockstep | None:
-        engine = llm.llm_engine
-        if getattr(engine, "external_launcher_dp", False) and getattr(engine, "dp_group", None) is not None:
-            return cls(engine, engine.dp_group)
-        return None
-
-    def any_rank_busy(self, busy: bool) -> bool:
-        """Whether any rank (this one included) still has work; every rank must call this at the same point."""
-        from vllm.config import ParallelConfig
-
-        return ParallelConfig.has_unfinished_dp(self.group, busy)
-
-    def step(self, has_requests: bool) -> list:
-        """One step in step with the other ranks: a real one when this engine holds requests, else a dummy batch."""
-        if has_requests:
-            return self.engine.step()
-        self.engine.engine_core.execute_dummy_batch()
-        return []
-
-
-def abort(engine, request_ids: list[str]) -> None:
-    """Abort requests by the ids `LLM.enqueue` returned. The engine may already be gone (Ctrl-C in a terminal
-    reaches its processes too); then there is nothing left to abort."""
-    if not request_ids:
-        return
-    try:
-        engine.abort_request(request_ids, internal=True)
-    except Exception as exc:  # noqa: BLE001 - cleanup must not replace the exception that got us here
-        logger.debug("could not abort %d requests: %s", len(request_ids), exc)
-
-
-@dataclass(frozen=True)
-class EngineLimits:
-    """What an image must fit in, read from a running engine's config."""
-
-    max_model_len: int
-    kv_blocks: int | None
-    block_size: int
-    max_batched_tokens: int
-    max_num_seqs: int
-    pair_scheduler: bool
-
-    @classmethod
-    def of(cls, vllm_config) -> EngineLimits:
-        scheduler_cls = vllm_config.scheduler_config.scheduler_cls
-        name = str(getattr(scheduler_cls, "__name__", scheduler_cls))
-        return cls(max_model_len=vllm_config.model_config.max_model_len,
-                   kv_blocks=vllm_config.cache_config.num_gpu_blocks,
-                   block_size=vllm_config.cache_config.block_size,
-                   max_batched_tokens=vllm_config.scheduler_config.max_num_batched_tokens,
-                   max_num_seqs=vllm_config.scheduler_config.max_num_seqs,
-                   pair_scheduler="PairAware" in name)
-
-    def check_image(self, where: str, cond_len: int, uncond_len: int, num_tokens: int, height: int,
-                    width: int, *, bare_len: int = 0) -> None:
-        """An `ItemError` if a CFG pair with these prompt lengths can never run on this engine, naming what to
-        change: `size` only when the image cannot fit even after prompts of `bare_len` tokens (a prompt with no
-        text: BOS and the image header), else the longer of `prompt` and `negative_prompt`."""
-        from vllm.utils.math_utils import cdiv
-
-        def blocks(cond: int, uncond: int) -> int:
-            return cdiv(cond + num_tokens, self.block_size) + cdiv(uncond + num_tokens, self.block_size)
-
-        # The halves share the image; whichever prompt is longer is the one that does not fit.
-        longer = ("prompt", cond_len) if cond_len >= uncond_len else ("negative_prompt", uncond_len)
-        image = f"a {width}x{height} (width x height) image's {num_tokens} tokens"
-        if longer[1] + num_tokens > self.max_model_len:
-            if bare_len + num_tokens > self.max_model_len:
-                raise ItemError(f"{where}: size is too large for this server: {image} after a {bare_len}-token "
-                                f"header need {bare_len + num_tokens} positions, beyond max_model_len "
-                                f"{self.max_model_len}", "size")
-            raise ItemError(f"{where}: {longer[0]} is too long for this server: {longer[1]} prompt tokens and "
-                            f"{image} need {longer[1] + num_tokens} positions, beyond max_model_len "
-                            f"{self.max_model_len}", longer[0])
-        if self.kv_blocks is not None and blocks(cond_len, uncond_len) > self.kv_blocks:
-            if blocks(bare_len, bare_len) > self.kv_blocks:
-                raise ItemError(f"{where}: size is too large for this server: the two CFG halves of {image} need "
-                                f"{blocks(bare_len, bare_len)} KV blocks; the cache has {self.kv_blocks} (raise the "
-                                "KV cache size)", "size")
-            raise ItemError(f"{where}: {longer[0]} is too long for this server: with {image} the two CFG halves "
-                            f"need {blocks(cond_len, uncond_len)} KV blocks; the cache has {self.kv_blocks}",
-                            longer[0])
-        if self.pair_scheduler and cond_len + uncond_len > self.max_batched_tokens:
-            raise ItemError(f"{where}: {longer[0]} is too long for this server: the two prompts "
-                            f"({cond_len + uncond_len} tokens) exceed max_num_batched_tokens "
-                            f"{self.max_batched_tokens}", longer[0])
-
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def check_model(model: str | os.PathLike) -> str:
-    """The model argument, checked without loading anything: an existing checkpoint folder, or a hub id.
-
-    A path that does not exist and does not look like `org/name` is a typo, not a hub id: say so plainly.
-    """
-    text = str(model)
-    path = Path(text).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise FileNotFoundError(f"model {text}: not a checkpoint folder")
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model {text}: no config.json there, so it is not a checkpoint folder")
-        return text
-    if _HUB_ID.match(text) and not text.startswith((".", "~")):
-        return text  # resolved by transformers / vLLM from the model hub or its cache
-    raise FileNotFoundError(f"model {text}: no such checkpoint folder")

@@ -38,7 +38,7 @@ def load_image(image: Any, where: str) -> Image.Image:
     fails here. A PIL image is taken at its current frame; a file or bytes at its first."""
     from PIL import Image
 
-    from .inputs import ItemError  # here, not at the top: inputs re-exports this module's load_image
+    from emu3_vllm.offline.items import ItemError  # here, not at the top: inputs re-exports this module's load_image
 
     try:
         if isinstance(image, Image.Image):

@@ -28,8 +28,8 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic_core import PydanticCustomError
 
-from .layout import SPATIAL_FACTOR, pixels_to_grid, pixels_to_tokens
-from .prompts import DEFAULT_CFG_SCALE, NEGATIVE_PROMPT, POSITIVE_SUFFIX
+from emu3_vllm.layout import SPATIAL_FACTOR, pixels_to_grid, pixels_to_tokens
+from emu3_vllm.prompts import DEFAULT_CFG_SCALE, NEGATIVE_PROMPT, POSITIVE_SUFFIX
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 INT32_MAX = 2**31 - 1

@@ -1,6 +1,6 @@
-"""Train the shapes checkpoint: a tiny Emu3 that sees and draws the world of `emu3_vllm.shapes`.
+"""Train the shapes checkpoint: a tiny Emu3 that sees and draws the world of `emu3_vllm.shapes.world`.
 
-    python scripts/train_shapes.py [--out emu3_vllm/assets/shapes] [--threads 2]
+    python scripts/train_shapes.py [--out emu3_vllm/shapes/checkpoint] [--threads 2]
 
 The result is an ordinary Emu3 checkpoint (config, tokenizer with Emu3's special and visual tokens,
 `vocabulary_map`, processor config and chat template, weights) that transformers and emu3_vllm load. Training is
@@ -41,11 +41,11 @@ import torch
 import torch.nn.functional as F
 
 from emu3_vllm import shapes
-from emu3_vllm.checkpoints import IMAGE_TOKEN, make_random_checkpoint
-from emu3_vllm.inputs import UnderstandingItem
+from emu3_vllm.cfg_pairs import ImageSpec, PromptTokens, pair_prompts
+from emu3_vllm.offline.items import UnderstandingItem
+from emu3_vllm.offline.understanding import build_prompt
 from emu3_vllm.prompts import NEGATIVE_PROMPT, POSITIVE_SUFFIX, understanding_prompt
-from emu3_vllm.protocol import ImageSpec, PromptTokens, pair_prompts
-from emu3_vllm.understanding import build_prompt
+from emu3_vllm.testing.checkpoints import IMAGE_TOKEN, make_random_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = list(shapes.PALETTE)
@@ -426,7 +426,7 @@ def train_text(lm, seqs: Sequences, image_ids: torch.Tensor, samples: list, *, s
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(REPO / "emu3_vllm" / "assets" / "shapes"))
+    parser.add_argument("--out", default=str(REPO / "emu3_vllm" / "shapes" / "checkpoint"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prototypes", type=int, default=PROTOTYPES, help="edge prototypes per colour")

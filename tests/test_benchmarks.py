@@ -44,7 +44,7 @@ def test_bench_generation_smoke(tmp_path):
 def test_bench_understanding_smoke(tmp_path):
     result = run_script("bench_understanding", tmp_path, "--num-prompts", "3", "--image-size", "48",
                         "--max-new-tokens", "4", "--hf-prompts", "1")
-    assert result["emu3_vllm"]["model_class"] == "emu3_vllm.model:Emu3ForConditionalGeneration"
+    assert result["emu3_vllm"]["model_class"] == "emu3_vllm.vllm_plugin.model:Emu3ForConditionalGeneration"
     assert "transformers" in result["vllm_transformers_backend"]["model_class"]
     for key in ("emu3_vllm", "vllm_transformers_backend", "transformers"):
         assert result[key]["generated_tokens_per_s"] > 0

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from emu3_vllm.cfg import guided_logprobs
 from emu3_vllm.kernels import cfg_sample_reference, cfg_sample_triton, pair_key, triton_available
 from emu3_vllm.layout import ImageTokenIds, Slot, layout_tokens, num_image_tokens, slot
+from emu3_vllm.vllm_plugin.cfg_step import guided_logprobs
 
 
 def _ids() -> ImageTokenIds:

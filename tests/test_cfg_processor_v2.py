@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from emu3_vllm.cfg_pairs import COND, EXTRA_ARGS_KEY, UNCOND
 from emu3_vllm.kernels import cfg_sample_reference, pair_key
-from emu3_vllm.protocol import COND, EXTRA_ARGS_KEY, UNCOND
 
 SLOTS = 8
 PROMPT = {0: 9, 2: 30, 3: 7, 5: 12, 7: 40}  # prompt length per occupied slot
@@ -38,7 +38,7 @@ def _params(pair: str, role: str, seed: int, h=2, w=3, scale=3.0, temperature=1.
 def _setup(vllm_config):
     from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcRequestState
 
-    from emu3_vllm.cfg_processor_v2 import Emu3CfgLogitsProcessorV2
+    from emu3_vllm.vllm_plugin.cfg_processor_v2 import Emu3CfgLogitsProcessorV2
 
     prompt_len = torch.zeros(SLOTS, dtype=torch.int32)
     for slot, n in PROMPT.items():

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from emu3_vllm.cfg import guided_logprobs
-from emu3_vllm.hf_reference import hf_generate_image_tokens
 from emu3_vllm.layout import parse_image_tokens
 from emu3_vllm.prompts import NEGATIVE_PROMPT, POSITIVE_SUFFIX
+from emu3_vllm.testing.hf_reference import hf_generate_image_tokens
+from emu3_vllm.vllm_plugin.cfg_step import guided_logprobs
 
 PROMPTS = ["a red emu", "a cat sitting on a mat", "mountains at dusk, oil painting"]
 

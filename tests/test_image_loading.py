@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from emu3_vllm import inputs
 from emu3_vllm.image_loading import MAX_ASPECT_RATIO, load_image, to_rgb, use_for_vllm_media
-from emu3_vllm.inputs import ItemError
+from emu3_vllm.offline import items as inputs
+from emu3_vllm.offline.items import ItemError
 
 image_media = pytest.importorskip("vllm.multimodal.media.image")
 ImageMediaIO = image_media.ImageMediaIO

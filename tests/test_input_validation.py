@@ -146,9 +146,9 @@ def _fuzz_lines() -> list[tuple[str, str | None]]:
 
 @pytest.mark.engine
 def test_fuzzed_prompts_file_each_good_line_draws_each_bad_line_fails_alone(engine_factory, tmp_path):
-    from emu3_vllm.image_folder import FolderJob
-    from emu3_vllm.inputs import GenerationDefaults
-    from emu3_vllm.prompt_files import read_prompt_file
+    from emu3_vllm.jobs.image_folder import FolderJob
+    from emu3_vllm.jobs.prompt_source import read_prompt_file
+    from emu3_vllm.offline.items import GenerationDefaults
 
     engine = engine_factory("a")
     cases = _fuzz_lines()

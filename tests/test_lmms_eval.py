@@ -12,7 +12,7 @@ import pytest
 from conftest import USER_ENV, random_image
 
 from emu3_vllm import shapes
-from emu3_vllm.checkpoints import shapes_checkpoint
+from emu3_vllm.shapes.trained import shapes_checkpoint
 
 pytest.importorskip("lmms_eval")
 

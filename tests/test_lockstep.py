@@ -66,7 +66,7 @@ def test_async_pair_scheduler_gives_the_same_images(checkpoints, engine_factory)
     build the engine runs it synchronously, which is also what it does where vLLM turns async scheduling off."""
     from emu3_vllm import Emu3
 
-    kwargs = {**ENGINE_KWARGS, "scheduler_cls": "emu3_vllm.scheduler.PairAwareAsyncScheduler",
+    kwargs = {**ENGINE_KWARGS, "scheduler_cls": "emu3_vllm.vllm_plugin.pair_scheduler.PairAwareAsyncScheduler",
               "block_size": 32, "num_gpu_blocks_override": 48}
     with Emu3(checkpoints["a"], **kwargs) as engine:
         results = engine.generate_images(PROMPTS[:8], height=48, width=48, seed=3, use_tqdm=False)

@@ -34,7 +34,7 @@ BIG = {"height": 48, "width": 48}
 
 
 def _defaults(**overrides):
-    from emu3_vllm.inputs import GenerationDefaults
+    from emu3_vllm.offline.items import GenerationDefaults
 
     return GenerationDefaults(**{"height": 16, "width": 16, **overrides}).checked()
 
@@ -46,7 +46,7 @@ class Drawer:
     def iter_images(self, specs, *, indices, max_in_flight=None, stats=None):
         from PIL import Image
 
-        from emu3_vllm.results import GeneratedImage
+        from emu3_vllm.offline.results import GeneratedImage
 
         for spec, index in zip(specs, indices):  # a spec first: `shards._Feed` names its index as it hands it out
             rng = np.random.default_rng(spec.seed % 2**64)
@@ -57,8 +57,8 @@ class Drawer:
 
 
 def _job(fmt: str, out: Path, prompts: list, shard_size: int = 2, **defaults):
-    from emu3_vllm.image_folder import FolderJob
-    from emu3_vllm.shards import ShardJob
+    from emu3_vllm.jobs.image_folder import FolderJob
+    from emu3_vllm.jobs.webdataset import ShardJob
 
     if fmt == "folder":
         return FolderJob(out, MODEL, prompts, _defaults(**defaults), SEED)
@@ -227,8 +227,8 @@ def test_a_failed_write_ends_generate_with_its_summary_and_one_error_line(checkp
 def test_shards_hold_the_extreme_seeds_and_top_k_the_settings_allow(tmp_path):
     from shard_helpers import read_shards
 
-    from emu3_vllm.ray_generation import ROW_COLUMNS
-    from emu3_vllm.shards import ShardItem
+    from emu3_vllm.jobs.ray_replicas import ROW_COLUMNS
+    from emu3_vllm.jobs.webdataset import ShardItem
 
     out = tmp_path / "shards"
     prompts = [{"prompt": "the largest seed", "seed": INT64_MAX}, {"prompt": "the smallest seed", "seed": INT64_MIN},
@@ -297,7 +297,7 @@ def test_a_folder_holds_one_output_format_and_options_it_would_ignore_are_refuse
 def test_a_null_prompt_row_is_recorded_as_null_in_both_formats(tmp_path):
     from shard_helpers import read_shards
 
-    from emu3_vllm.prompt_files import read_prompt_file
+    from emu3_vllm.jobs.prompt_source import read_prompt_file
 
     path = tmp_path / "prompts.parquet"
     pq.write_table(pa.Table.from_pylist([{"prompt": "fine"}, {"prompt": None}]), path)
@@ -328,7 +328,7 @@ _FILLS_UP_AFTER_THE_ENGINE_STARTS = (
     # The engine's processes need shared memory, which RLIMIT_FSIZE limits too: the CLI's own process gets the limit
     # once its engine is up, so only the output files meet it.
     "import resource, runpy, signal, sys\n"
-    "import emu3_vllm.api as api\n"
+    "import emu3_vllm.offline.emu3 as api\n"
     "limit, start = int(sys.argv.pop(1)), api.Emu3.__init__\n"
     "def started(self, *args, **kwargs):\n"
     "    start(self, *args, **kwargs)\n"

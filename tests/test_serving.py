@@ -49,7 +49,7 @@ def wait_idle(server: Server, timeout: float) -> float:
 
 
 def test_chat_with_an_image_equals_understand(emu3_server, engine_factory):
-    from emu3_vllm.inputs import UnderstandingItem
+    from emu3_vllm.offline.items import UnderstandingItem
 
     engine = engine_factory("a")
     image = random_image(48, 40, seed=3)

@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from emu3_vllm.images_api import (
+from emu3_vllm.offline.items import ItemError
+from emu3_vllm.serving.images_route import (
     ImagesCall,
     ImagesPlugin,
     ImagesRequest,
@@ -21,14 +22,13 @@ from emu3_vllm.images_api import (
     parse_size,
     read_images_request,
 )
-from emu3_vllm.inputs import ItemError
 
 # --------------------------------------------------------------------------------------------------------------
 # The launcher
 
 
 def test_plugin_allowlist_adds_both_plugins_to_the_users():
-    from emu3_vllm.serve import plugin_allowlist
+    from emu3_vllm.serving.launcher import plugin_allowlist
 
     assert plugin_allowlist(None) == "emu3_vllm,emu3_vllm_images"
     assert plugin_allowlist("lora_filesystem_resolver, emu3_vllm") == \
@@ -43,7 +43,7 @@ def test_serve_args_come_from_the_shared_engine_setup_and_keep_the_users(checkpo
 
     from emu3_vllm.engine import emu3_engine_kwargs
     from emu3_vllm.prompts import EMU3_CHAT_TEMPLATE
-    from emu3_vllm.serve import emu3_serve_args
+    from emu3_vllm.serving.launcher import emu3_serve_args
 
     if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
         pytest.skip("a CPU binding is set for this session")
@@ -72,7 +72,7 @@ def test_serve_args_come_from_the_shared_engine_setup_and_keep_the_users(checkpo
 def test_a_checkpoint_without_a_chat_template_is_served_with_emu3_chat_hfs(tmp_path):
     from emu3_vllm import make_random_checkpoint
     from emu3_vllm.prompts import EMU3_CHAT_TEMPLATE
-    from emu3_vllm.serve import server_chat_template, with_bos
+    from emu3_vllm.serving.launcher import server_chat_template, with_bos
 
     path = make_random_checkpoint(tmp_path / "plain", size="tiny", write_weights=False)
     (path / "chat_template.jinja").unlink()
@@ -113,7 +113,7 @@ def error_of(body) -> ItemError:
 
 
 def test_a_request_becomes_one_spec_per_image_seeded_seed_plus_i():
-    from emu3_vllm.inputs import GenerationDefaults, image_spec
+    from emu3_vllm.offline.items import GenerationDefaults, image_spec
 
     call = parse(prompt="an emu", n=3, size="40x24", seed=9, guidance_scale=2.5, negative_prompt="", top_k=5,
                  temperature=0)
@@ -297,7 +297,7 @@ def test_decoding_batches_what_waits_and_a_failed_batch_fails_only_its_images():
 
     from PIL import Image
 
-    from emu3_vllm.async_decode import AsyncDecoder, DecodeError
+    from emu3_vllm.serving.async_decode import AsyncDecoder, DecodeError
 
     gate = threading.Event()
     calls = []

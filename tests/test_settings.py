@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from emu3_vllm.inputs import GenerationDefaults, ItemError, image_spec, image_specs
-from emu3_vllm.prompt_files import read_prompt_file
+from emu3_vllm.jobs.prompt_source import read_prompt_file
+from emu3_vllm.offline.items import GenerationDefaults, ItemError, image_spec, image_specs
 from emu3_vllm.settings import INT64_MAX, INT64_MIN, ImageSettings, SettingsError, image_settings
 
 DEFAULTS = GenerationDefaults(height=16, width=16).checked()
@@ -53,10 +53,10 @@ def _holds_downstream(spec) -> None:
     import torch
     from vllm import SamplingParams
 
-    from emu3_vllm.cfg_processor import Emu3CfgLogitsProcessor
+    from emu3_vllm.cfg_pairs import pair_half, pair_sampling_params
+    from emu3_vllm.jobs.webdataset import MANIFEST_COLUMNS
     from emu3_vllm.kernels import pair_key
-    from emu3_vllm.protocol import pair_half, pair_sampling_params
-    from emu3_vllm.shards import MANIFEST_COLUMNS
+    from emu3_vllm.vllm_plugin.cfg_processor_v1 import Emu3CfgLogitsProcessor
 
     for params in pair_sampling_params(spec, "p0"):
         assert isinstance(params, SamplingParams)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from emu3_vllm import shapes
-from emu3_vllm.checkpoints import shapes_checkpoint
+from emu3_vllm.shapes.trained import shapes_checkpoint
 
 UNDERSTANDING_SEED = 1001
 VQ_SEED = 1002
@@ -100,7 +100,7 @@ def test_a_built_wheel_ships_the_checkpoint(tmp_path):
     (wheel,) = tmp_path.glob("emu3_vllm-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for file in shapes_checkpoint().iterdir():
-        assert f"emu3_vllm/assets/shapes/{file.name}" in names
+        assert f"emu3_vllm/shapes/checkpoint/{file.name}" in names
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -176,7 +176,7 @@ def test_the_demo_answers_right_and_draws_its_captions(shapes_engine, tmp_path):
     """`emu3-vllm demo`, the README's first command, on the session's engine."""
     import io
 
-    from emu3_vllm.demo import DEMO_CAPTIONS, run_demo
+    from emu3_vllm.shapes.demo import DEMO_CAPTIONS, run_demo
 
     out = io.StringIO()
     assert run_demo(tmp_path, engine=shapes_engine, stdout=out) == 0
@@ -210,9 +210,9 @@ def hf_shapes():
 
 @pytest.mark.engine
 def test_greedy_generation_matches_transformers(shapes_engine, hf_shapes):
-    from emu3_vllm.hf_reference import hf_generate_image_tokens
     from emu3_vllm.layout import parse_image_tokens
     from emu3_vllm.prompts import NEGATIVE_PROMPT, POSITIVE_SUFFIX
+    from emu3_vllm.testing.hf_reference import hf_generate_image_tokens
 
     model, processor = hf_shapes
     captions = ["a red circle", "a blue square", "a green triangle", "a yellow square"]
@@ -226,7 +226,7 @@ def test_greedy_generation_matches_transformers(shapes_engine, hf_shapes):
 
 @pytest.mark.engine
 def test_greedy_understanding_matches_transformers(shapes_engine, hf_shapes):
-    from emu3_vllm.hf_reference import hf_understand
+    from emu3_vllm.testing.hf_reference import hf_understand
 
     model, processor = hf_shapes
     fresh = shapes.samples(3, seed=UNDERSTANDING_SEED + 1)

@@ -33,8 +33,8 @@ def prompts_parquet(tmp_path_factory):
 
 
 def test_parquet_prompts_read_nulls_as_the_run_settings_and_bad_files_as_usage_errors(prompts_parquet, tmp_path):
-    from emu3_vllm.inputs import GenerationDefaults, ItemError, image_spec
-    from emu3_vllm.prompt_files import PromptFileError, read_prompt_file
+    from emu3_vllm.jobs.prompt_source import PromptFileError, read_prompt_file
+    from emu3_vllm.offline.items import GenerationDefaults, ItemError, image_spec
 
     items = read_prompt_file(prompts_parquet)
     assert items[0] == {"prompt": "an emu on a hill, take 0"}
@@ -64,10 +64,10 @@ def test_parquet_prompts_read_nulls_as_the_run_settings_and_bad_files_as_usage_e
 @pytest.mark.engine
 def test_two_shard_processes_cover_one_job_and_resume_shard_by_shard(checkpoints, engine_factory, prompts_parquet,
                                                                      tmp_path):
-    from emu3_vllm.image_folder import ChangedSettingsError, OutputError
-    from emu3_vllm.inputs import GenerationDefaults
-    from emu3_vllm.prompt_files import read_prompt_file
-    from emu3_vllm.shards import ShardJob
+    from emu3_vllm.jobs.image_folder import ChangedSettingsError, OutputError
+    from emu3_vllm.jobs.prompt_source import read_prompt_file
+    from emu3_vllm.jobs.webdataset import ShardJob
+    from emu3_vllm.offline.items import GenerationDefaults
 
     out = tmp_path / "shards"
     args = ["generate", "--model", checkpoints["a"], "--prompts", prompts_parquet, "--out", out, "--height", 32,

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.engine
 
 
 def test_iter_images_over_a_generator_of_200_prompts_keeps_the_window(engine_factory):
-    from emu3_vllm.streaming import StreamStats
+    from emu3_vllm.offline.image_stream import StreamStats
 
     engine = engine_factory("a")
     unfinished = engine.llm.llm_engine.get_num_unfinished_requests
@@ -110,7 +110,7 @@ def _kill_job(proc) -> None:
 
 def test_cli_writes_images_as_they_finish_survives_sigkill_and_ctrl_c_and_resumes(checkpoints, engine_factory,
                                                                                   tmp_path):
-    from emu3_vllm.image_folder import _png_bytes
+    from emu3_vllm.jobs.image_folder import _png_bytes
 
     n, side = 24, 128
     prompts = tmp_path / "prompts.txt"

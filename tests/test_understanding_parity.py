@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import random_image
 
-from emu3_vllm.hf_reference import hf_understand
+from emu3_vllm.testing.hf_reference import hf_understand
 
 pytestmark = pytest.mark.engine
 
@@ -46,7 +46,7 @@ def test_greedy_matches_transformers(engine_factory, hf_factory, shape, case):
 
 def test_engine_runs_native_model(engine_factory):
     """vLLM loaded emu3_vllm's model, not its Transformers-backend fallback."""
-    assert engine_factory("a").model_class() == "emu3_vllm.model:Emu3ForConditionalGeneration"
+    assert engine_factory("a").model_class() == "emu3_vllm.vllm_plugin.model:Emu3ForConditionalGeneration"
 
 
 @pytest.mark.parametrize("shape", ["a", "b"])

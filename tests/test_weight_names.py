@@ -6,7 +6,7 @@ from safetensors import safe_open
 
 
 def test_serialized_and_in_memory_names_map_to_the_same_params(checkpoints):
-    from emu3_vllm.model import Emu3ForConditionalGeneration
+    from emu3_vllm.vllm_plugin.model import Emu3ForConditionalGeneration
 
     mapper = Emu3ForConditionalGeneration.hf_to_vllm_mapper
     with safe_open(f"{checkpoints['a']}/model.safetensors", "pt") as fh:

@@ -20,9 +20,9 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from loguru import logger as eval_logger
 
-from .. import settings
-from ..prompts import NEGATIVE_PROMPT
-from .torchrun import Launch
+from emu3_vllm import settings
+from emu3_vllm.lmms.torchrun import Launch
+from emu3_vllm.prompts import NEGATIVE_PROMPT
 
 # The HF integration's default template for the image to draw when a task gives no [GEN_PROMPT].
 GENERATION_PROMPT_TEMPLATE = (
@@ -46,7 +46,7 @@ def _as_bool(value: Any, name: str) -> bool:
 def _as_number(value: Any, name: str, kind: type = float, bounds: Any = None):
     """An int or float model_arg, or a ValueError naming it (lmms-eval passes numbers typed, the rest as text).
     `bounds`, one of `emu3_vllm.settings`' field types, holds it to the range the offline API and server allow."""
-    from ..settings import SettingsError, check_value
+    from emu3_vllm.settings import SettingsError, check_value
 
     try:
         if isinstance(value, bool):
@@ -188,7 +188,7 @@ class _Emu3Base(lmms):
             kwargs.pop(key, None)  # lmms-eval's generic arguments; vLLM places the model itself
         self.engine_kwargs = _engine_kwargs(tensor_parallel_size, device_map, gpu_memory_utilization, max_num_seqs,
                                             dtype, max_model_len, enforce_eager, kwargs)
-        from ..engine import check_engine_kwargs
+        from emu3_vllm.engine import check_engine_kwargs
 
         try:  # before lmms-eval loads its tasks, not at the first request
             check_engine_kwargs(self.engine_kwargs)
@@ -203,7 +203,7 @@ class _Emu3Base(lmms):
             self.device = self.launch.device()
 
     def _engine(self, checkpoint: str):
-        from ..api import Emu3
+        from emu3_vllm.offline.emu3 import Emu3
 
         return Emu3(checkpoint, seed=self.seed, **self.engine_kwargs)
 

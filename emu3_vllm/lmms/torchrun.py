@@ -10,8 +10,8 @@ ranks. Two rules of the external launcher shape the adapters:
   answers to its own (`Launch.share`);
 - the data-parallel replicas step in lockstep (every engine step is a collective across them), so each replica
   makes the same sequence of engine passes: the sampling-settings groups are agreed over all ranks
-  (`Launch.agree`), a replica with nothing to do still takes part (`engine.DataParallelLockstep`), and engines are
-  never closed before the end (closing one takes the process group down with it).
+  (`Launch.agree`), a replica with nothing to do still takes part (`offline.stepping.DataParallelLockstep`), and
+  engines are never closed before the end (closing one takes the process group down with it).
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ through `prefix_allowed_tokens_fn`), so both measure and compare the same thing.
 
 from __future__ import annotations
 
-from .layout import ImageTokenIds, allowed_token_ids, num_image_tokens
-from .prompts import understanding_prompt
+from emu3_vllm.layout import ImageTokenIds, allowed_token_ids, num_image_tokens
+from emu3_vllm.prompts import understanding_prompt
 
 
 def hf_generate_image_tokens(model, tokenizer, cond: str, uncond: str, h: int, w: int, scale: float,

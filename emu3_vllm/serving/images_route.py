@@ -45,10 +45,19 @@ from typing import Annotated, Any, Literal
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .inputs import GenerationDefaults, ItemError, image_spec
-from .layout import SPATIAL_FACTOR
-from .protocol import COND, UNCOND, ImageSpec, PairError, bare_prompt, pair_codes, pair_prompts, pair_sampling_params
-from .settings import (
+from emu3_vllm.cfg_pairs import (
+    COND,
+    UNCOND,
+    ImageSpec,
+    PairError,
+    bare_prompt,
+    pair_codes,
+    pair_prompts,
+    pair_sampling_params,
+)
+from emu3_vllm.layout import SPATIAL_FACTOR
+from emu3_vllm.offline.items import GenerationDefaults, ItemError, image_spec
+from emu3_vllm.settings import (
     DEFAULT_SIDE,
     INT64_MAX,
     MAX_SIDE,
@@ -438,11 +447,11 @@ class ImagesService:
     def __init__(self, engine_client, served_models):
         from transformers import AutoTokenizer
 
-        from .async_decode import AsyncDecoder
-        from .engine import EngineLimits
-        from .layout import ImageTokenIds
-        from .protocol import PromptTokens
-        from .vq import VQDecoder
+        from emu3_vllm.cfg_pairs import PromptTokens
+        from emu3_vllm.layout import ImageTokenIds
+        from emu3_vllm.offline.items import EngineLimits
+        from emu3_vllm.offline.vq_decode import VQDecoder
+        from emu3_vllm.serving.async_decode import AsyncDecoder
 
         config = engine_client.vllm_config
         model = config.model_config
@@ -516,7 +525,7 @@ class ImagesService:
 
     async def _image(self, index: int, spec: ImageSpec, pair_id: str) -> dict:
         """`data[index]`: the image, or why it failed."""
-        from .async_decode import DecodeError
+        from emu3_vllm.serving.async_decode import DecodeError
 
         entry: dict[str, Any] = {"b64_json": None, "seed": spec.seed}
         try:
@@ -664,7 +673,7 @@ class ImagesPlugin:
     async def init_state(self, engine_client, state, args) -> None:
         # Chat images go through our loader where it exists (another module; this one must not depend on it).
         if importlib.util.find_spec("emu3_vllm.image_loading") is not None:
-            from . import image_loading
+            from emu3_vllm import image_loading
 
             if hasattr(image_loading, "use_for_vllm_media"):
                 image_loading.use_for_vllm_media()

@@ -45,7 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .image_folder import (
+from emu3_vllm.cfg_pairs import ImageSpec
+from emu3_vllm.jobs.image_folder import (
     MANIFEST,
     ChangedSettingsError,
     OutputError,
@@ -55,8 +56,7 @@ from .image_folder import (
     model_identity,
     prepare_folder,
 )
-from .prompt_files import given_prompt
-from .protocol import ImageSpec
+from emu3_vllm.jobs.prompt_source import given_prompt
 
 SHARD_FORMAT = "emu3_vllm-webdataset-1"
 DEFAULT_SHARD_SIZE = 1000
@@ -330,8 +330,8 @@ def generate_shards(engine, out: str | Path, model: str, shards: Iterable[tuple[
     """Generate `shards` ((shard, items) pairs, read lazily) through `engine` (an `Emu3`; None when no item needs
     one) into `out`; each shard is finished the moment its last image is decoded. Whatever stops the run early
     discards the shards still open."""
-    from .results import GeneratedImage
-    from .streaming import StreamStats
+    from emu3_vllm.offline.image_stream import StreamStats
+    from emu3_vllm.offline.results import GeneratedImage
 
     out = Path(out)
     run = ShardRunStats()
@@ -536,7 +536,7 @@ class ShardJob:
 
     def items(self, shard: int) -> list[ShardItem]:
         """The shard's items, each checked (a bad one carries its error, naming its index)."""
-        from .inputs import ItemError, image_spec
+        from emu3_vllm.offline.items import ItemError, image_spec
 
         items = []
         for index in self.ranges[shard]:

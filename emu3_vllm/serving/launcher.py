@@ -59,7 +59,7 @@ def with_bos(template: str) -> str:
 
 
 def server_chat_template(model: str, *, revision: str | None = None, trust_remote_code: bool = False) -> str:
-    from .prompts import EMU3_CHAT_TEMPLATE
+    from emu3_vllm.prompts import EMU3_CHAT_TEMPLATE
 
     template = checkpoint_chat_template(model, revision=revision, trust_remote_code=trust_remote_code)
     if template is None:
@@ -71,7 +71,7 @@ def server_chat_template(model: str, *, revision: str | None = None, trust_remot
 def emu3_serve_args(args: Namespace) -> Namespace:
     """Fill in Emu3's engine set-up and chat template on `vllm serve`'s parsed arguments; the user's values win,
     except that the CFG logits processor is always added (images cannot be guided without it)."""
-    from .engine import emu3_engine_kwargs
+    from emu3_vllm.engine import emu3_engine_kwargs
 
     model = getattr(args, "model_tag", None) or args.model
     kwargs, _ = emu3_engine_kwargs({"tensor_parallel_size": args.tensor_parallel_size,
@@ -95,7 +95,8 @@ def parse_args(argv: list[str]) -> Namespace:
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    from .engine import check_kv_cache, check_model
+    from emu3_vllm.engine import check_kv_cache
+    from emu3_vllm.offline.items import check_model
 
     cli_env_setup()
     parser = make_arg_parser(FlexibleArgumentParser(
@@ -112,7 +113,7 @@ def parse_args(argv: list[str]) -> Namespace:
 
 def refuse_early(argv: list[str]) -> None:
     """What is wrong with the model argument, found before vLLM (half a minute of imports on a CPU) loads."""
-    from .engine import check_model
+    from emu3_vllm.offline.items import check_model
 
     if not argv:
         raise FileNotFoundError("give the Emu3 checkpoint: emu3-vllm serve MODEL [flags]")

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels import cfg_sample, pair_key
-from .kernels.cfg_sample import guided_logprobs
-from .layout import ImageTokenIds, layout_tokens
+from emu3_vllm.kernels import cfg_sample, pair_key
+from emu3_vllm.kernels.cfg_sample import guided_logprobs
+from emu3_vllm.layout import ImageTokenIds, layout_tokens
 
 __all__ = ["PairBatch", "guide_pairs", "guided_logprobs", "pair_key", "write_one_hot"]
 

@@ -26,7 +26,7 @@ from vllm.model_executor.models.utils import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
-from .processing import Emu3DummyInputsBuilder, Emu3MultiModalProcessor, Emu3ProcessingInfo
+from emu3_vllm.vllm_plugin.processing import Emu3DummyInputsBuilder, Emu3MultiModalProcessor, Emu3ProcessingInfo
 
 # Only the VQ encoder runs inside the engine; decoding images back to pixels happens outside it.
 _VQ_DECODER_PREFIXES = ("vqmodel.decoder.", "vqmodel.post_quant_conv.")

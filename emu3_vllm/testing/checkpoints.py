@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .prompts import EMU3_CHAT_TEMPLATE
+from emu3_vllm.prompts import EMU3_CHAT_TEMPLATE
 
 # Emu3 names its reserved tokens <|extra_N|>; these are the ones with a role (HF conversion of Emu3-Chat/Gen).
 EXTRA_TOKENS = 205
@@ -76,8 +76,7 @@ SHAPES: dict[str, CheckpointShape] = {
     ),
 }
 
-# The trained shapes checkpoint shipped inside the package (see `emu3_vllm.shapes` and scripts/train_shapes.py).
-SHAPES_CHECKPOINT_DIR = Path(__file__).resolve().parent / "assets" / "shapes"
+# The trained shapes checkpoint shipped inside the package (see `emu3_vllm.shapes.world` and scripts/train_shapes.py).
 
 _TEXT_FIELDS = {
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -238,27 +237,3 @@ def _write_random_weights(out: Path, config, generation_config, seed: int, dtype
     model.eval()
     model.generation_config = generation_config
     model.save_pretrained(out)
-
-
-def shapes_checkpoint() -> Path:
-    """The directory of the trained shapes checkpoint that ships with the package.
-
-    A tiny Emu3 (VQ-VAE and text decoder) trained on the world of `emu3_vllm.shapes`: it answers questions about
-    those images and draws them. transformers and emu3_vllm load it like any Emu3 checkpoint.
-    """
-    if not (SHAPES_CHECKPOINT_DIR / "config.json").is_file():
-        raise FileNotFoundError(f"the shapes checkpoint is missing from {SHAPES_CHECKPOINT_DIR}; "
-                                "reinstall emu3_vllm or rebuild it with scripts/train_shapes.py")
-    return SHAPES_CHECKPOINT_DIR
-
-
-def copy_shapes_checkpoint(path: str | os.PathLike) -> Path:
-    """Copy the shipped shapes checkpoint to `path` (created if needed) and return it."""
-    import shutil
-
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    for file in shapes_checkpoint().iterdir():
-        if file.is_file():
-            shutil.copy2(file, out / file.name)
-    return out

@@ -32,7 +32,7 @@ from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.request_queue import create_request_queue
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from .protocol import pair_id_of
+from emu3_vllm.cfg_pairs import pair_id_of
 
 
 def _pair_id(request) -> str | None:

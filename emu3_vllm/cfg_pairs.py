@@ -14,7 +14,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from .layout import ImageTokenIds, LayoutError, grid_to_pixels, header_text, num_image_tokens, parse_image_tokens
+from emu3_vllm.layout import (
+    ImageTokenIds,
+    LayoutError,
+    grid_to_pixels,
+    header_text,
+    num_image_tokens,
+    parse_image_tokens,
+)
 
 EXTRA_ARGS_KEY = "emu3_cfg"
 COND, UNCOND = "cond", "uncond"
@@ -133,7 +140,7 @@ def validate_cfg_args(params) -> None:
     if args["role"] not in (COND, UNCOND):
         raise ValueError(f"{EXTRA_ARGS_KEY}.role must be 'cond' or 'uncond', got {args['role']!r}")
     # The same bounds the front ends check: a value past them would overflow the worker's torch tensors.
-    from .settings import CfgScale, Seed, SettingsError, Side, Temperature, TopK, check_value
+    from emu3_vllm.settings import CfgScale, Seed, SettingsError, Side, Temperature, TopK, check_value
 
     bounds = {"seed": Seed, "top_k": TopK, "scale": CfgScale, "temperature": Temperature, "h": Side, "w": Side}
     for name, field_type in bounds.items():
@@ -145,7 +152,7 @@ def validate_cfg_args(params) -> None:
 
 
 def pair_half(params, output_ids: list[int] | None = None) -> PairHalf | None:
-    from .kernels import pair_key
+    from emu3_vllm.kernels import pair_key
 
     args = cfg_args(params)
     if args is None:

@@ -20,10 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .engine import DataParallelLockstep, EngineLimits, abort
-from .inputs import ItemError
-from .layout import ImageTokenIds
-from .protocol import (
+from emu3_vllm.cfg_pairs import (
     COND,
     UNCOND,
     ImageSpec,
@@ -34,7 +31,10 @@ from .protocol import (
     pair_prompts,
     pair_sampling_params,
 )
-from .results import GeneratedImage
+from emu3_vllm.layout import ImageTokenIds
+from emu3_vllm.offline.items import EngineLimits, ItemError
+from emu3_vllm.offline.results import GeneratedImage
+from emu3_vllm.offline.stepping import DataParallelLockstep, abort
 
 logger = logging.getLogger("emu3_vllm")
 
@@ -87,7 +87,7 @@ class ImageStream:
         self._name = f"s{next(_stream_ids)}"
 
     def run(self, items: Iterable[tuple[int, Any, ImageSpec | ItemError]]) -> Iterator[tuple[int, GeneratedImage]]:
-        from .vq import DecodeWorker
+        from emu3_vllm.offline.vq_decode import DecodeWorker
 
         source = iter(items)
         exhausted = False

@@ -271,7 +271,7 @@ class FolderJob:
 
     def __init__(self, out: str | Path, model: str, prompts: list, defaults, seed: int,
                  regenerate_changed: bool = False):
-        from .inputs import ItemError, image_spec
+        from emu3_vllm.offline.items import ItemError, image_spec
 
         self.folder = ImageFolder(out, model)
         self.prompts = prompts
@@ -301,8 +301,8 @@ class FolderJob:
         `self.stats`."""
         from tqdm import tqdm
 
-        from .prompt_files import given_prompt
-        from .results import GeneratedImage
+        from emu3_vllm.jobs.prompt_source import given_prompt
+        from emu3_vllm.offline.results import GeneratedImage
 
         def keep(index: int, result) -> None:
             self.folder.write(index, result, given_prompt(self.prompts[index]))
@@ -316,7 +316,7 @@ class FolderJob:
         todo = [i for i in self.todo if self.specs[i] is not None]
         if not todo:
             return self.stats
-        from .streaming import StreamStats
+        from emu3_vllm.offline.image_stream import StreamStats
 
         stream = StreamStats()
         try:

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor
 
-from .cfg import PairBatch, guide_pairs, write_one_hot
-from .cfg_processor import token_ids_from_config
-from .protocol import COND, pair_half, validate_cfg_args
+from emu3_vllm.cfg_pairs import COND, pair_half, validate_cfg_args
+from emu3_vllm.vllm_plugin.cfg_processor_v1 import token_ids_from_config
+from emu3_vllm.vllm_plugin.cfg_step import PairBatch, guide_pairs, write_one_hot
 
 _UNTAGGED, _COND, _UNCOND = 0, 1, 2
 

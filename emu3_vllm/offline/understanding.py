@@ -6,10 +6,10 @@ import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .engine import DataParallelLockstep, abort
-from .inputs import ItemError, UnderstandingItem, load_image, understanding_item
-from .prompts import DEFAULT_SYSTEM_PROMPT, understanding_prompt
-from .results import Answer
+from emu3_vllm.offline.items import ItemError, UnderstandingItem, load_image, understanding_item
+from emu3_vllm.offline.results import Answer
+from emu3_vllm.offline.stepping import DataParallelLockstep, abort
+from emu3_vllm.prompts import DEFAULT_SYSTEM_PROMPT, understanding_prompt
 
 logger = logging.getLogger("emu3_vllm")
 

@@ -8,15 +8,18 @@ naming the argument.
 from __future__ import annotations
 
 import numbers
+import os
+import re
 import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
-from .image_loading import MAX_ASPECT_RATIO, load_image  # noqa: F401 - re-exported: callers import them from here
-from .prompts import DEFAULT_CFG_SCALE, NEGATIVE_PROMPT, POSITIVE_SUFFIX
-from .protocol import ImageSpec
-from .settings import (
+from emu3_vllm.cfg_pairs import ImageSpec
+from emu3_vllm.image_loading import MAX_ASPECT_RATIO, load_image  # noqa: F401 - re-exported: callers import them from here
+from emu3_vllm.prompts import DEFAULT_CFG_SCALE, NEGATIVE_PROMPT, POSITIVE_SUFFIX
+from emu3_vllm.settings import (
     CALL_LEVEL,
     DEFAULT_SIDE,
     DEFAULT_TOP_K,
@@ -200,3 +203,85 @@ def understanding_item(item: Any, where: str) -> UnderstandingItem:
     elif not isinstance(images, (list, tuple)):
         images = (images,)
     return UnderstandingItem(text=text, images=tuple(images))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What the engine and the model can take
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """What an image must fit in, read from a running engine's config."""
+
+    max_model_len: int
+    kv_blocks: int | None
+    block_size: int
+    max_batched_tokens: int
+    max_num_seqs: int
+    pair_scheduler: bool
+
+    @classmethod
+    def of(cls, vllm_config) -> EngineLimits:
+        scheduler_cls = vllm_config.scheduler_config.scheduler_cls
+        name = str(getattr(scheduler_cls, "__name__", scheduler_cls))
+        return cls(max_model_len=vllm_config.model_config.max_model_len,
+                   kv_blocks=vllm_config.cache_config.num_gpu_blocks,
+                   block_size=vllm_config.cache_config.block_size,
+                   max_batched_tokens=vllm_config.scheduler_config.max_num_batched_tokens,
+                   max_num_seqs=vllm_config.scheduler_config.max_num_seqs,
+                   pair_scheduler="PairAware" in name)
+
+    def check_image(self, where: str, cond_len: int, uncond_len: int, num_tokens: int, height: int,
+                    width: int, *, bare_len: int = 0) -> None:
+        """An `ItemError` if a CFG pair with these prompt lengths can never run on this engine, naming what to
+        change: `size` only when the image cannot fit even after prompts of `bare_len` tokens (a prompt with no
+        text: BOS and the image header), else the longer of `prompt` and `negative_prompt`."""
+        from vllm.utils.math_utils import cdiv
+
+        def blocks(cond: int, uncond: int) -> int:
+            return cdiv(cond + num_tokens, self.block_size) + cdiv(uncond + num_tokens, self.block_size)
+
+        # The halves share the image; whichever prompt is longer is the one that does not fit.
+        longer = ("prompt", cond_len) if cond_len >= uncond_len else ("negative_prompt", uncond_len)
+        image = f"a {width}x{height} (width x height) image's {num_tokens} tokens"
+        if longer[1] + num_tokens > self.max_model_len:
+            if bare_len + num_tokens > self.max_model_len:
+                raise ItemError(f"{where}: size is too large for this server: {image} after a {bare_len}-token "
+                                f"header need {bare_len + num_tokens} positions, beyond max_model_len "
+                                f"{self.max_model_len}", "size")
+            raise ItemError(f"{where}: {longer[0]} is too long for this server: {longer[1]} prompt tokens and "
+                            f"{image} need {longer[1] + num_tokens} positions, beyond max_model_len "
+                            f"{self.max_model_len}", longer[0])
+        if self.kv_blocks is not None and blocks(cond_len, uncond_len) > self.kv_blocks:
+            if blocks(bare_len, bare_len) > self.kv_blocks:
+                raise ItemError(f"{where}: size is too large for this server: the two CFG halves of {image} need "
+                                f"{blocks(bare_len, bare_len)} KV blocks; the cache has {self.kv_blocks} (raise the "
+                                "KV cache size)", "size")
+            raise ItemError(f"{where}: {longer[0]} is too long for this server: with {image} the two CFG halves "
+                            f"need {blocks(cond_len, uncond_len)} KV blocks; the cache has {self.kv_blocks}",
+                            longer[0])
+        if self.pair_scheduler and cond_len + uncond_len > self.max_batched_tokens:
+            raise ItemError(f"{where}: {longer[0]} is too long for this server: the two prompts "
+                            f"({cond_len + uncond_len} tokens) exceed max_num_batched_tokens "
+                            f"{self.max_batched_tokens}", longer[0])
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_model(model: str | os.PathLike) -> str:
+    """The model argument, checked without loading anything: an existing checkpoint folder, or a hub id.
+
+    A path that does not exist and does not look like `org/name` is a typo, not a hub id: say so plainly.
+    """
+    text = str(model)
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise FileNotFoundError(f"model {text}: not a checkpoint folder")
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model {text}: no config.json there, so it is not a checkpoint folder")
+        return text
+    if _HUB_ID.match(text) and not text.startswith((".", "~")):
+        return text  # resolved by transformers / vLLM from the model hub or its cache
+    raise FileNotFoundError(f"model {text}: no such checkpoint folder")

@@ -12,7 +12,15 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from .shapes import COLOUR_QUESTION, DESCRIBE_QUESTION, SHAPE_QUESTION, SHAPES, caption, classify, samples
+from emu3_vllm.shapes.world import (
+    COLOUR_QUESTION,
+    DESCRIBE_QUESTION,
+    SHAPE_QUESTION,
+    SHAPES,
+    caption,
+    classify,
+    samples,
+)
 
 # The world's own caption form, "a {colour} {shape}", which is what the checkpoint learned to draw.
 DEMO_CAPTIONS = tuple(caption(c, s) for c, s in (("red", "circle"), ("blue", "square"), ("green", "triangle"),
@@ -58,7 +66,7 @@ def run_demo(out_dir: str | Path = "out", *, engine=None, stdout: TextIO | None 
     `stdout` (default: sys.stdout), and where the images and the contact sheet went. Returns 0 when every question was
     answered and every image drawn, 1 otherwise.
     """
-    from .checkpoints import shapes_checkpoint
+    from emu3_vllm.shapes.trained import shapes_checkpoint
 
     if stdout is None:
         stdout = sys.stdout
@@ -87,7 +95,7 @@ def run_demo(out_dir: str | Path = "out", *, engine=None, stdout: TextIO | None 
     failures = 0
     owned = engine is None
     if owned:
-        from .api import Emu3
+        from emu3_vllm.offline.emu3 import Emu3
 
         engine = Emu3(shapes_checkpoint(), **engine_kwargs)
     try:

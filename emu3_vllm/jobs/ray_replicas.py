@@ -22,9 +22,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .prompts import DEFAULT_CFG_SCALE, NEGATIVE_PROMPT, POSITIVE_SUFFIX
-from .settings import DEFAULT_SIDE, DEFAULT_TOP_K
-from .shards import DEFAULT_SHARD_SIZE, ShardItem, ShardJob, generate_shards
+from emu3_vllm.jobs.webdataset import DEFAULT_SHARD_SIZE, ShardItem, ShardJob, generate_shards
+from emu3_vllm.prompts import DEFAULT_CFG_SCALE, NEGATIVE_PROMPT, POSITIVE_SUFFIX
+from emu3_vllm.settings import DEFAULT_SIDE, DEFAULT_TOP_K
 
 # The environment variables the driver passes to its replicas (engine settings a user exports for vLLM).
 FORWARDED_ENV_PREFIXES = ("VLLM_",)
@@ -40,7 +40,7 @@ class ShardReplica:
 
     def __init__(self, model: str, out: str, model_id: str, shard_size: int, engine_kwargs: dict,
                  engine_seed: int = 0, max_in_flight: int | None = None):
-        from .api import Emu3
+        from emu3_vllm.offline.emu3 import Emu3
 
         self.engine = Emu3(model, seed=engine_seed, **engine_kwargs)
         self.out = out
@@ -187,9 +187,9 @@ def generate_on_ray(model: str | os.PathLike, prompts: Iterable[Any], out: str |
     over the same `out` skips the finished shards and refuses shards made with other settings unless
     `regenerate_changed`. See the module docstring for how replicas are placed.
     """
-    from .engine import check_engine_kwargs, check_kv_cache, check_model
-    from .inputs import GenerationDefaults
-    from .settings import Seed, SettingsError, check_value
+    from emu3_vllm.engine import check_engine_kwargs, check_kv_cache
+    from emu3_vllm.offline.items import GenerationDefaults, check_model
+    from emu3_vllm.settings import Seed, SettingsError, check_value
 
     try:  # before Ray starts anything: a replica would only die of it
         check_value(Seed, seed, "seed")

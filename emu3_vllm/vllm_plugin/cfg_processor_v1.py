@@ -17,9 +17,9 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-from .cfg import PairBatch, guide_pairs, write_one_hot
-from .layout import ImageTokenIds
-from .protocol import COND, UNCOND, PairHalf, pair_half, validate_cfg_args
+from emu3_vllm.cfg_pairs import COND, UNCOND, PairHalf, pair_half, validate_cfg_args
+from emu3_vllm.layout import ImageTokenIds
+from emu3_vllm.vllm_plugin.cfg_step import PairBatch, guide_pairs, write_one_hot
 
 
 def token_ids_from_config(hf_config) -> ImageTokenIds:

@@ -13,11 +13,19 @@ import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from .inputs import GenerationDefaults, ImageLike, ItemError, UnderstandingItem, image_specs, load_image, one_or_many
-from .prompts import DEFAULT_CFG_SCALE, DEFAULT_SYSTEM_PROMPT, NEGATIVE_PROMPT, POSITIVE_SUFFIX
-from .protocol import ImageSpec, PromptTokens, pair_prompts
-from .results import Answer, GeneratedImage
-from .settings import DEFAULT_SIDE, DEFAULT_TOP_K
+from emu3_vllm.cfg_pairs import ImageSpec, PromptTokens, pair_prompts
+from emu3_vllm.offline.items import (
+    GenerationDefaults,
+    ImageLike,
+    ItemError,
+    UnderstandingItem,
+    image_specs,
+    load_image,
+    one_or_many,
+)
+from emu3_vllm.offline.results import Answer, GeneratedImage
+from emu3_vllm.prompts import DEFAULT_CFG_SCALE, DEFAULT_SYSTEM_PROMPT, NEGATIVE_PROMPT, POSITIVE_SUFFIX
+from emu3_vllm.settings import DEFAULT_SIDE, DEFAULT_TOP_K
 
 __all__ = ["Answer", "Emu3", "GeneratedImage", "ImageSpec", "ItemError", "UnderstandingItem"]
 
@@ -33,9 +41,10 @@ class Emu3:
     def __init__(self, model: str | os.PathLike, *, seed: int = 0, **engine_kwargs: Any):
         from transformers import Emu3Processor
 
-        from .engine import EngineLimits, check_engine_kwargs, check_kv_cache, check_model, start_llm
-        from .layout import ImageTokenIds
-        from .settings import EngineSeed, SettingsError, check_value
+        from emu3_vllm.engine import check_engine_kwargs, check_kv_cache, start_llm
+        from emu3_vllm.layout import ImageTokenIds
+        from emu3_vllm.offline.items import EngineLimits, check_model
+        from emu3_vllm.settings import EngineSeed, SettingsError, check_value
 
         try:  # vLLM hands it to numpy's global seed, in the engine's worker, which dies of a bad one
             seed = check_value(EngineSeed, seed, "seed")
@@ -66,7 +75,7 @@ class Emu3:
         if hasattr(self, "_close_at_exit"):
             atexit.unregister(self._close_at_exit)
         if llm is not None:
-            from .engine import shutdown_llm
+            from emu3_vllm.engine import shutdown_llm
 
             shutdown_llm(llm)
 
@@ -102,26 +111,26 @@ class Emu3:
 
     def model_class(self) -> str:
         """`module:Class` of the model the engine loaded (emu3_vllm's native model, not a fallback)."""
-        from . import engine_probes
+        from emu3_vllm.vllm_plugin import probes
 
-        return self._apply_model(engine_probes.model_class_path)
+        return self._apply_model(probes.model_class_path)
 
     def image_tokens(self, images: Iterable[ImageLike]) -> list[list[int]]:
         """Visual-token ids (with end-of-line columns) the engine's VQ encoder gives each image of one prompt.
 
         The images are preprocessed together, as transformers' `Emu3Processor` does for one prompt.
         """
-        from . import engine_probes
+        from emu3_vllm.vllm_plugin import probes
 
         pil = [load_image(img, f"image {i}") for i, img in enumerate(images)]
         inputs = self.processor.image_processor(images=pil, return_tensors="pt")
-        return self._apply_model(engine_probes.ImageTokenProbe(inputs["pixel_values"], inputs["image_sizes"]))
+        return self._apply_model(probes.ImageTokenProbe(inputs["pixel_values"], inputs["image_sizes"]))
 
     # ----------------------------------------------------------------------------------------------------------
     # Understanding
 
     def build_understanding_prompt(self, item: UnderstandingItem, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> str:
-        from .understanding import build_prompt
+        from emu3_vllm.offline.understanding import build_prompt
 
         return build_prompt(item, self.processor, system_prompt)
 
@@ -148,7 +157,7 @@ class Emu3:
         """
         from vllm import SamplingParams
 
-        from .understanding import answer_items
+        from emu3_vllm.offline.understanding import answer_items
 
         llm = self._engine()
         params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -202,7 +211,7 @@ class Emu3:
         Stopping early (break, close(), an exception, Ctrl-C) aborts the images still in the engine. While the
         stream is open the engine takes no other call.
         """
-        from .streaming import ImageStream
+        from emu3_vllm.offline.image_stream import ImageStream
 
         llm = self._engine()
         defaults = GenerationDefaults(height=height, width=width, cfg_scale=cfg_scale,
@@ -266,7 +275,7 @@ class Emu3:
 
     def _decoder(self):
         if self._vq_decoder is None:
-            from .vq import VQDecoder
+            from emu3_vllm.offline.vq_decode import VQDecoder
 
             self._vq_decoder = VQDecoder(self.model)
         return self._vq_decoder

@@ -3,7 +3,7 @@
 import os
 
 ARCHITECTURE = "Emu3ForConditionalGeneration"
-MODEL_CLASS = "emu3_vllm.model:Emu3ForConditionalGeneration"
+MODEL_CLASS = "emu3_vllm.vllm_plugin.model:Emu3ForConditionalGeneration"
 # Set by front ends that own their process (the CLI): the engine process then dies with its parent, even when the
 # parent is SIGKILLed, instead of lingering with the model (and a GPU's memory) loaded.
 DIE_WITH_PARENT_ENV = "EMU3_VLLM_ENGINE_DIES_WITH_PARENT"

@@ -60,7 +60,7 @@ def read_prompt_file(path: str | Path) -> list[Any]:
 
 def read_parquet_prompts(path: Path) -> list[dict]:
     """One item per row of a parquet file: `{"prompt": ..., <override>: ...}`, nulls in override columns left out."""
-    from .inputs import OVERRIDES
+    from emu3_vllm.offline.items import OVERRIDES
 
     try:
         import pyarrow.parquet as pq
