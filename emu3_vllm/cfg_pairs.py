@@ -12,7 +12,7 @@ temperature 0 on the forced one-hot rows the CFG step writes, so the tag carries
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from emu3_vllm.layout import (
     ImageTokenIds,
@@ -56,10 +56,21 @@ class ImageSpec:
         return num_image_tokens(self.h, self.w)
 
     def record(self) -> dict:
-        """The spec as plain JSON-able values, with the pixel size (what a manifest stores and compares)."""
-        record = asdict(self)
-        del record["h"], record["w"]
-        return {"prompt": record.pop("prompt"), "height": self.height, "width": self.width, **record}
+        """The spec as the image settings (`settings.IMAGE_FIELDS`), with the pixel size: what a manifest stores
+        and compares."""
+        from emu3_vllm.settings import IMAGE_FIELDS
+
+        return {name: getattr(self, name) for name in IMAGE_FIELDS}
+
+    @classmethod
+    def from_record(cls, record) -> ImageSpec:
+        """The spec a `record()` came from."""
+        from emu3_vllm.layout import pixels_to_grid
+        from emu3_vllm.settings import IMAGE_FIELDS, field_kind
+
+        values = {name: field_kind(name)(record[name]) for name in IMAGE_FIELDS if name not in ("height", "width")}
+        h, w = pixels_to_grid(int(record["height"]), int(record["width"]))
+        return cls(h=h, w=w, **values)
 
 
 @dataclass(frozen=True)

@@ -17,17 +17,10 @@ import os
 import sys
 from pathlib import Path
 
-from emu3_vllm.prompts import DEFAULT_CFG_SCALE
 from emu3_vllm.settings import (
-    DEFAULT_SIDE,
-    DEFAULT_TOP_K,
     ENGINE_SEED_MAX,
-    CfgScale,
     EngineSeed,
     Seed,
-    Side,
-    Temperature,
-    TopK,
 )
 from emu3_vllm.vllm_plugin.registration import DIE_WITH_PARENT_ENV
 
@@ -79,7 +72,7 @@ def _setting(field_type, kind: str = "integer"):
 
     def parse(text: str):
         try:
-            value = int(text) if kind == "integer" else float(text)
+            value = int(text) if kind == "integer" else float(text) if kind == "number" else text
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind == 'integer' else 'a number'}, got "
                                              f"{settings.show(text)}") from None
@@ -244,68 +237,97 @@ def cmd_understand(args) -> int:
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
-def _generation_prompts(args) -> list:
-    if args.prompts:
-        return _read_prompt_file(args.prompts)
-    return list(args.prompt)
+def _generation_prompts(args):
+    """The prompts of a `generate` run: a file is read lazily, again for each pass, never held whole."""
+    if not args.prompts:
+        return list(args.prompt)
+    from emu3_vllm.jobs.prompt_source import PromptFile, PromptFileError
+
+    try:
+        return PromptFile(args.prompts)
+    except PromptFileError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def cmd_generate(args) -> int:
-    from emu3_vllm.jobs.image_folder import FolderJob, OutputError, WriteError
+    """One generation job (prompts -> plan -> engine -> sink) into a folder of PNGs or webdataset shards, in this
+    process or on Ray replicas."""
+    import importlib.util
+
+    from emu3_vllm.jobs.files import OutputError, WriteError
+    from emu3_vllm.jobs.job import GenerationJob
+    from emu3_vllm.jobs.prompt_source import PromptFileError
     from emu3_vllm.offline.items import GenerationDefaults
-    from emu3_vllm.prompts import NEGATIVE_PROMPT
 
     shards = _shard_output(args)
+    on_ray = args.replicas is not None or args.ray_address is not None
+    if on_ray and importlib.util.find_spec("ray") is None:
+        raise UsageError("--replicas runs on Ray, which is not installed: pip install 'emu3-vllm[ray]'")
     prompts = _generation_prompts(args)
     _check_model(args)
-    defaults = GenerationDefaults(height=args.height, width=args.width, cfg_scale=args.cfg_scale,
-                                  negative_prompt=args.negative_prompt if args.negative_prompt is not None
-                                  else NEGATIVE_PROMPT, top_k=args.top_k, temperature=args.temperature)
-    if shards:
-        return _generate_shards(args, prompts, defaults)
+    defaults = GenerationDefaults(**{name: getattr(args, name) for name in GenerationDefaults.fields()})
     try:
-        job = FolderJob(args.out, args.model, prompts, defaults.checked(), args.seed,
-                        regenerate_changed=args.regenerate_changed)
-    except (OutputError, ValueError) as exc:
+        sink = _sink(args, shards)
+        job = GenerationJob(prompts, sink, defaults.checked(), args.seed, regenerate_changed=args.regenerate_changed)
+    except (OutputError, PromptFileError, ValueError) as exc:
         raise UsageError(str(exc)) from None
-    plan = job.plan
-    if plan.changed:
-        print(f"regenerating {plan.describe_changed()}", file=sys.stderr)
-    if plan.corrupt:
-        print(f"regenerating {len(plan.corrupt)} image(s) whose file no longer matches the manifest: "
-              f"{', '.join(map(str, plan.corrupt[:8]))}", file=sys.stderr)
+    for note in job.plan.notes():
+        print(note, file=sys.stderr)
 
     def report(index: int, result) -> None:
         if result.error:
             print(result.error, file=sys.stderr)
 
+    unit = job.plan.unit
     code = EXIT_OK
     with _results_stream() as out:
         try:
-            if job.needs_engine:
+            if on_ray:
+                from emu3_vllm.jobs.ray_replicas import run_on_ray
+
+                run_on_ray(job, args.model, replicas=args.replicas or 1, ray_address=args.ray_address,
+                           tensor_parallel_size=args.tensor_parallel_size or 1,
+                           cpus_per_replica=args.cpus_per_replica, engine_kwargs=_engine_kwargs(args),
+                           max_in_flight=args.max_in_flight, progress=not args.no_progress)
+            elif job.needs_engine:
                 engine = _engine(args)
                 try:
                     job.run(engine, max_in_flight=args.max_in_flight, progress=not args.no_progress,
                             on_result=report)
-                except KeyboardInterrupt:
-                    print("interrupted: the images in flight were aborted; every finished image is in the folder, "
-                          "and a re-run continues from there", file=sys.stderr)
-                    code = EXIT_INTERRUPTED
                 finally:
                     engine.close()
             else:
-                job.run(None, on_result=report)
+                job.run(None, progress=not args.no_progress, on_result=report)
+        except KeyboardInterrupt:
+            lost = "images in flight were aborted" if unit == "image" else "shards in progress were dropped"
+            print(f"interrupted: the {lost}; every finished {unit} is in the folder, and a re-run continues from "
+                  "there", file=sys.stderr)
+            code = EXIT_INTERRUPTED
+        except ConnectionError as exc:  # no Ray cluster there: nothing has started
+            raise UsageError(str(exc).splitlines()[0]) from None
         except WriteError as exc:  # disk full, say: the folder is consistent, so this is a stop, not a crash
             job.stats["error"] = str(exc)
-            print(f"emu3-vllm generate: error: {exc}; every finished image is in the folder, and a re-run "
+            print(f"emu3-vllm generate: error: {exc}; every finished {unit} is in the folder, and a re-run "
                   "continues from there", file=sys.stderr)
             code = EXIT_SOME_FAILED
         out.write(json.dumps(job.stats) + "\n")
     if code == EXIT_OK and job.stats["failed"]:
-        print(f"{job.stats['failed']} of {len(prompts)} images failed (their manifest lines say why)",
+        where = "manifest lines" if unit == "image" else "manifest rows"
+        print(f"{job.stats['failed']} of {job.stats['images']} images failed (their {where} say why)",
               file=sys.stderr)
         code = EXIT_SOME_FAILED
     return code
+
+
+def _sink(args, shards: bool):
+    if not shards:
+        from emu3_vllm.jobs.image_folder import ImageFolderSink
+
+        return ImageFolderSink(args.out, args.model)
+    from emu3_vllm.jobs.webdataset import DEFAULT_SHARD_SIZE, WebdatasetSink
+
+    return WebdatasetSink(args.out, args.model, shard_size=args.shard_size or DEFAULT_SHARD_SIZE,
+                          num_shards=args.num_shards or 1, shard_index=args.shard_index or 0)
 
 
 def _shard_output(args) -> bool:
@@ -327,71 +349,6 @@ def _shard_output(args) -> bool:
     return shards
 
 
-def _generate_shards(args, prompts: list, defaults) -> int:
-    """`generate` into webdataset shards: in this process, or on a Ray cluster with --replicas."""
-    import importlib.util
-
-    from emu3_vllm.jobs.image_folder import OutputError, WriteError
-    from emu3_vllm.jobs.webdataset import DEFAULT_SHARD_SIZE, ShardJob
-
-    on_ray = args.replicas is not None or args.ray_address is not None
-    if on_ray and importlib.util.find_spec("ray") is None:
-        raise UsageError("--replicas runs on Ray, which is not installed: pip install 'emu3-vllm[ray]'")
-    try:
-        job = ShardJob(args.out, args.model, prompts, defaults.checked(), args.seed,
-                       shard_size=args.shard_size or DEFAULT_SHARD_SIZE, regenerate_changed=args.regenerate_changed,
-                       num_shards=args.num_shards or 1, shard_index=args.shard_index or 0)
-    except (OutputError, ValueError) as exc:
-        raise UsageError(str(exc)) from None
-    plan = job.plan
-    if plan.changed:
-        print(f"redoing {plan.describe_changed()}", file=sys.stderr)
-    if plan.corrupt:
-        print(f"redoing {len(plan.corrupt)} shard(s) whose files no longer match their stats: "
-              f"{', '.join(f'{s:05d}' for s in plan.corrupt[:8])}", file=sys.stderr)
-
-    def report(index: int, result) -> None:
-        if result.error:
-            print(result.error, file=sys.stderr)
-
-    code = EXIT_OK
-    with _results_stream() as out:
-        try:
-            if on_ray:
-                from emu3_vllm.jobs.ray_replicas import run_on_ray
-
-                run_on_ray(job, args.model, replicas=args.replicas or 1, ray_address=args.ray_address,
-                           tensor_parallel_size=args.tensor_parallel_size or 1,
-                           cpus_per_replica=args.cpus_per_replica, engine_kwargs=_engine_kwargs(args),
-                           max_in_flight=args.max_in_flight, progress=not args.no_progress)
-            elif job.needs_engine:
-                engine = _engine(args)
-                try:
-                    job.run(engine, max_in_flight=args.max_in_flight, progress=not args.no_progress,
-                            on_result=report)
-                finally:
-                    engine.close()
-            else:
-                job.run(None, progress=not args.no_progress, on_result=report)
-        except KeyboardInterrupt:
-            print("interrupted: the shards in progress were dropped; every finished shard is in the folder, and a "
-                  "re-run continues from there", file=sys.stderr)
-            code = EXIT_INTERRUPTED
-        except ConnectionError as exc:  # no Ray cluster there: nothing has started
-            raise UsageError(str(exc).splitlines()[0]) from None
-        except WriteError as exc:  # disk full, say: the folder is consistent, so this is a stop, not a crash
-            job.stats["error"] = str(exc)
-            print(f"emu3-vllm generate: error: {exc}; every finished shard is in the folder, and a re-run "
-                  "continues from there", file=sys.stderr)
-            code = EXIT_SOME_FAILED
-        out.write(json.dumps(job.stats) + "\n")
-    if code == EXIT_OK and job.stats["failed"]:
-        print(f"{job.stats['failed']} of {job.stats['images']} images failed (their manifest rows say why)",
-              file=sys.stderr)
-        code = EXIT_SOME_FAILED
-    return code
-
-
 def cmd_demo(args) -> int:
     """Answer questions about shape images and draw shapes with the trained shapes checkpoint."""
     from emu3_vllm.shapes.demo import run_demo
@@ -410,11 +367,27 @@ def cmd_demo(args) -> int:
 # Parser
 
 
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
+def _add_image_settings(p: argparse.ArgumentParser) -> None:
+    """The options that set every image's settings, from the settings model: its types, bounds, defaults and help."""
+    from emu3_vllm.settings import CALL_LEVEL, ImageSettings, field_kind, field_type
+
+    kinds = {int: "integer", float: "number", str: "text"}
+    for name in CALL_LEVEL:
+        info = ImageSettings.model_fields[name]
+        long_default = isinstance(info.default, str) and len(info.default) > 20
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=info.default,
+                       type=_setting(field_type(name), kinds[field_kind(name)]),
+                       help=info.description + ("" if long_default else " (default: %(default)s)"))
+    p.add_argument("--seed", type=_setting(Seed), default=0, help="image i gets seed + i (a 64-bit integer)")
+
+
+def _add_engine_args(p: argparse.ArgumentParser, answers: bool = True) -> None:
+    """vLLM's engine options; with `answers`, also the engine seed and the text-sampling options."""
     p.add_argument("--dtype", default="auto", choices=["auto", "half", "float16", "bfloat16", "float", "float32"],
                    help="model dtype for vLLM")
-    p.add_argument("--seed", type=_setting(EngineSeed), default=0,
-                   help=f"engine seed for sampled answers, 0 to {ENGINE_SEED_MAX}")
+    if answers:
+        p.add_argument("--seed", type=_setting(EngineSeed), default=0,
+                       help=f"engine seed for sampled answers, 0 to {ENGINE_SEED_MAX}")
     p.add_argument("--max-model-len", dest="max_model_len", type=_positive_int)
     p.add_argument("--tensor-parallel-size", dest="tensor_parallel_size", type=_positive_int)
     p.add_argument("--gpu-memory-utilization", dest="gpu_memory_utilization", type=_positive_float)
@@ -424,8 +397,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="vLLM's KV cache dtype: auto (the model's) or fp8, which holds twice the tokens")
     p.add_argument("--engine-arg", dest="engine_arg", type=_key_value, action="append", metavar="KEY=VALUE",
                    help="any other vllm.LLM argument, e.g. --engine-arg num_gpu_blocks_override=64")
-    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=_positive_int, default=64)
-    p.add_argument("--temperature", type=_non_negative_float, default=0.0)
+    if answers:
+        p.add_argument("--max-new-tokens", dest="max_new_tokens", type=_positive_int, default=64)
+        p.add_argument("--temperature", type=_non_negative_float, default=0.0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -463,12 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help='a text file (one prompt a line), .jsonl ({"prompt": ..., "seed": ...} a line) or '
                              '.parquet (a prompt column, optional seed, height, width, cfg_scale, negative_prompt)')
     p.add_argument("--out", required=True, help="output folder; a re-run skips the images already there")
-    p.add_argument("--height", type=_setting(Side), default=DEFAULT_SIDE)
-    p.add_argument("--width", type=_setting(Side), default=DEFAULT_SIDE)
-    p.add_argument("--cfg-scale", dest="cfg_scale", type=_setting(CfgScale, "number"), default=DEFAULT_CFG_SCALE)
-    p.add_argument("--top-k", dest="top_k", type=_setting(TopK), default=DEFAULT_TOP_K,
-                   help="sample among the k likeliest codes (0 or -1: all)")
-    p.add_argument("--negative-prompt", dest="negative_prompt")
+    _add_image_settings(p)
     p.add_argument("--max-in-flight", "--batch", dest="max_in_flight", type=_positive_int, default=None,
                    help="images submitted to the engine at once (default: the engine's max_num_seqs)")
     p.add_argument("--regenerate-changed", action="store_true",
@@ -488,15 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--num-shards", dest="num_shards", type=_positive_int,
                        help="with --shard-index: this process makes only the shards s with s %% S == i")
     scale.add_argument("--shard-index", dest="shard_index", type=int, metavar="I")
-    _add_engine_args(p)
-    # Here --seed is the images' base seed (image i gets seed + i), any 64-bit integer; --temperature is the
-    # images' sampling temperature.
-    for action in p._actions:
-        if action.dest == "seed":
-            action.type, action.help = _setting(Seed), "image i gets seed + i (a 64-bit integer)"
-        elif action.dest == "temperature":
-            action.type = _setting(Temperature, "number")
-    p.set_defaults(func=cmd_generate, temperature=1.0)
+    _add_engine_args(p, answers=False)
+    p.set_defaults(func=cmd_generate)
 
     # Handled by `serve.main` before this parser runs (every vllm serve flag passes through); listed for --help.
     sub.add_parser("serve", add_help=False,

@@ -111,19 +111,35 @@ class ImageSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    prompt: Prompt
-    height: Side = DEFAULT_SIDE
-    width: Side = DEFAULT_SIDE
-    cfg_scale: CfgScale = DEFAULT_CFG_SCALE
-    seed: Seed = 0
-    negative_prompt: Text = NEGATIVE_PROMPT
-    positive_suffix: Text = POSITIVE_SUFFIX
-    top_k: TopK = DEFAULT_TOP_K
-    temperature: Temperature = 1.0
+    prompt: Prompt = Field(description="what to draw")
+    height: Side = Field(DEFAULT_SIDE, description="pixels, rounded to a multiple of 8")
+    width: Side = Field(DEFAULT_SIDE, description="pixels, rounded to a multiple of 8")
+    cfg_scale: CfgScale = Field(DEFAULT_CFG_SCALE, description="classifier-free guidance scale")
+    seed: Seed = Field(0, description="the image's seed: the same seed and settings give the same image")
+    negative_prompt: Text = Field(NEGATIVE_PROMPT, description="the unconditional half's prompt (default: Emu3's)")
+    positive_suffix: Text = Field(POSITIVE_SUFFIX, description="appended to the prompt (default: Emu3's)")
+    top_k: TopK = Field(DEFAULT_TOP_K, description="sample among the k likeliest codes (0 or -1: all)")
+    temperature: Temperature = Field(1.0, description="sampling temperature (0: greedy)")
 
     @property
     def grid(self) -> tuple[int, int]:
         return pixels_to_grid(self.height, self.width)
+
+
+# Everything that defines an image, in the order records and manifest columns list them.
+IMAGE_FIELDS = tuple(ImageSettings.model_fields)
+
+
+def field_type(name: str) -> Any:
+    """An image setting's annotated type (`Side`, `Seed`, ...): what other models and parsers check it with."""
+    import typing
+
+    return typing.get_type_hints(ImageSettings, include_extras=True)[name]
+
+
+def field_kind(name: str) -> type:
+    """The Python type an image setting holds (int, float or str): what a typed column stores it as."""
+    return ImageSettings.model_fields[name].annotation
 
 
 # What a prompt item (a dict, a JSON line, a parquet row) may set for itself; the rest are the call's settings.

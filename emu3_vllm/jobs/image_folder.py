@@ -8,112 +8,58 @@ folder skips an image only when its line matches the job's settings for that ind
 size and hash; it regenerates a file that does not match, and refuses to mix images made with other settings
 unless told to replace them. A folder holds one output format: one with webdataset shards is refused.
 
-A write that fails mid-run (disk full, a file-size limit, permissions) raises `WriteError` naming the file, after
+A write that fails mid-run (disk full, a file-size limit, permissions) raises `files.WriteError` naming the file, after
 the writer removed its temporary file and cut back a manifest line it had only half appended: the folder is left as
 a kill would leave it, and a re-run continues from there.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import re
-import tempfile
-import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from emu3_vllm.jobs.files import (
+    OutputError,
+    WriteError,
+    append_whole,
+    intact,
+    model_identity,
+    png_bytes,
+    prepare_folder,
+)
+from emu3_vllm.jobs.job import JobItem, Plan
+
 MANIFEST = "manifest.jsonl"
 
-
-class OutputError(ValueError):
-    """The output folder cannot be used; the message is one line."""
-
-
-class WriteError(OSError):
-    """Writing an output file failed during a run; `filename` is the file as the user knows it (not its temporary
-    name) and the message one line. An OSError, as the failure underneath was, so callers catching that still do."""
-
-    @classmethod
-    def of(cls, path: str | Path, exc: OSError) -> WriteError:
-        return cls(exc.errno, exc.strerror or str(exc), str(path))
-
-    def __str__(self) -> str:
-        return f"cannot write {self.filename}: {self.strerror}"
-
-
-# What `shards.ShardWriter` leaves in a folder (matched by name: this module cannot import that one).
+# What `webdataset.WebdatasetSink` leaves in a folder (matched by name: that module imports this one).
 _SHARD_FILE = re.compile(r"\d{5,}(_stats\.json|\.tar|\.parquet)")
-
-
-def refuse_shards(out: Path) -> None:
-    """A folder of PNGs is never written into a folder of webdataset shards: neither resume rule would know the
-    other's files, and readers of either format would find a mixture."""
-    found = sorted(path.name for path in out.iterdir() if _SHARD_FILE.fullmatch(path.name))
-    if found:
-        raise OutputError(f"--out {out} holds webdataset shards ({found[0]}); use another --out for a folder of "
-                          "PNGs, or --format webdataset")
 
 
 def image_file(index: int) -> str:
     return f"{index:05d}.png"
 
 
-def model_identity(model: str) -> str:
-    """The model as a manifest records it: a local checkpoint by its absolute path, a hub id as given."""
-    path = Path(model).expanduser()
-    return str(path.resolve()) if path.exists() else model
-
-
-def prepare_folder(out: str | Path) -> Path:
-    """Create `out` if needed and prove it writable, before any engine starts."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out}: exists and is not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise OutputError(f"--out {out}: cannot write there ({exc.strerror or exc})") from exc
-    return out
-
-
-@dataclass
-class Plan:
-    """What a run over an existing folder does with each index of the job."""
-
-    todo: list[int] = field(default_factory=list)
-    skipped: list[int] = field(default_factory=list)
-    corrupt: list[int] = field(default_factory=list)  # on disk, but not the file the manifest describes
-    changed: dict[int, list[str]] = field(default_factory=dict)  # done with other settings: the fields that differ
-
-    def describe_changed(self, limit: int = 8) -> str:
-        fields = sorted({name for names in self.changed.values() for name in names})
-        indices = sorted(self.changed)
-        shown = ", ".join(map(str, indices[:limit])) + (f" and {len(indices) - limit} more" if len(indices) > limit
-                                                          else "")
-        return f"{len(indices)} image(s) made with other {', '.join(fields)}: {shown}"
-
-
-_FROM_RESULT: Any = object()  # `ImageFolder.write`'s prompt when the caller gives none
-
-
-class ImageFolder:
-    """The manifest and PNGs of one output folder; see the module docstring."""
+class ImageFolderSink:
+    """The PNGs and manifest of one output folder; see the module docstring."""
 
     def __init__(self, out: str | Path, model: str):
         self.out = prepare_folder(out)
-        refuse_shards(self.out)
+        found = sorted(path.name for path in self.out.iterdir() if _SHARD_FILE.fullmatch(path.name))
+        if found:  # neither resume rule would know the other's files, and readers would find a mixture
+            raise OutputError(f"--out {self.out} holds webdataset shards ({found[0]}); use another --out for a "
+                              "folder of PNGs, or --format webdataset")
         self.model = model_identity(model)
         self.manifest_path = self.out / MANIFEST
         for stale in self.out.glob(".*.png.tmp*"):  # a run killed between writing and renaming
             stale.unlink(missing_ok=True)
         self._heal_manifest()
+        self._todo: set[int] = set()
+        self.stats: dict[str, Any] = {}
 
     def _heal_manifest(self) -> None:
         """Give the manifest a whole last line. A run killed during an append leaves one without its newline, and
@@ -159,49 +105,55 @@ class ImageFolder:
                         continue
         return latest
 
-    def plan(self, specs: Mapping[int, Any]) -> Plan:
-        """Sort the job's indices: `specs` maps each index to its `ImageSpec` (None where the item is bad)."""
-        plan = Plan()
+    def plan(self, items: Iterable[JobItem]) -> Plan:
+        """Sort the job's indices: an index is skipped only when its latest line has this job's settings for it and
+        its file still has the recorded size and hash."""
+        plan = Plan("image")
         records = self.records()
-        for index, spec in specs.items():
-            record = records.get(index)
-            if record is None or record.get("error") or spec is None or "file" not in record:
+        images = 0
+        for item in items:
+            images += 1
+            index, record = item.index, records.get(item.index)
+            if item.spec is not None:
+                plan.needs_engine.add(index)
+            if record is None or record.get("error") or item.spec is None or "file" not in record:
                 plan.todo.append(index)
                 continue
-            differs = [name for name, value in self._defining(spec).items() if record.get(name) != value]
+            differs = [name for name, value in self._defining(item.spec).items() if record.get(name) != value]
             if differs:
                 plan.changed[index] = differs
-            elif not self._intact(record):
+            elif not intact(self.out / record["file"], record.get("bytes"), record.get("sha256")):
                 plan.corrupt.append(index)
                 plan.todo.append(index)
             else:
                 plan.skipped.append(index)
+        self.stats = {"out": str(self.out), "images": images, "skipped": len(plan.skipped), "written": 0,
+                      "failed": 0, "regenerated": len(plan.changed) + len(plan.corrupt)}
         return plan
+
+    def start(self, todo: list[int]) -> None:
+        self._todo = set(todo)
+
+    def wants(self, index: int) -> bool:
+        return index in self._todo
+
+    def add(self, item: JobItem) -> None:
+        pass  # an image is its own unit: nothing to open
 
     def _defining(self, spec) -> dict:
         return {"model": self.model, **spec.record()}
 
-    def _intact(self, record: dict) -> bool:
-        path = self.out / record["file"]
-        try:
-            if path.stat().st_size != record.get("bytes"):
-                return False
-            return _sha256(path) == record.get("sha256")
-        except OSError:
-            return False
-
-    def write(self, index: int, result, prompt: Any = _FROM_RESULT) -> dict:
-        """Put one result in the folder (its PNG, then its manifest line); returns the manifest record. `prompt` is
-        what an item that never became a spec gave as its prompt (None for a missing or null one), recorded as is.
-        A failed write raises `WriteError`, leaving no temporary file and no partial line."""
-        record: dict[str, Any] = {"index": index}
+    def write(self, item: JobItem, result) -> dict:
+        """Put one result in the folder (its PNG, then its manifest line); returns the manifest record. A failed
+        write raises `WriteError`, leaving no temporary file and no partial line."""
+        record: dict[str, Any] = {"index": item.index}
         if result.spec is not None:
             record.update(self._defining(result.spec))
         else:
-            record["prompt"] = result.prompt if prompt is _FROM_RESULT else prompt
+            record["prompt"] = item.prompt
         if result.error is None:
-            name = image_file(index)
-            data = _png_bytes(result.image)
+            name = image_file(item.index)
+            data = png_bytes(result.image)
             tmp = self.out / f".{name}.tmp{os.getpid()}"
             try:
                 tmp.write_bytes(data)
@@ -218,121 +170,17 @@ class ImageFolder:
         except UnicodeEncodeError:  # a rejected prompt holding lone surrogates: keep it, \u-escaped
             data = (json.dumps(record, default=str) + "\n").encode("ascii")
         try:
-            _append(self.manifest_path, data)
+            append_whole(self.manifest_path, data)
         except OSError as exc:
             raise WriteError.of(self.manifest_path, exc) from exc
+        self.stats["failed" if result.error else "written"] += 1
         return record
 
+    def close(self) -> None:
+        pass
 
-def _append(path: Path, data: bytes) -> None:
-    """Append `data` whole or not at all: a write that fails part-way (disk full) is cut back, so the next append
-    does not land on a partial line. Only a kill can leave one (see `ImageFolder._heal_manifest`)."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-    try:
-        start = os.fstat(fd).st_size
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        except OSError:
-            try:
-                os.ftruncate(fd, start)  # shrinking needs no space
-            except OSError:
-                pass  # the next run heals the line instead
-            raise
-    finally:
-        os.close(fd)
+    def discard(self) -> None:
+        pass  # every line written is whole; an image in flight simply is not there
 
-
-def _png_bytes(image) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-class ChangedSettingsError(OutputError):
-    """The folder holds images of this job's indices made with other settings."""
-
-
-class FolderJob:
-    """Generating a list of prompts into an `ImageFolder`: image i gets seed `seed + i`, so a re-run (or a run after
-    a kill) makes byte-identical images. Everything that needs no engine (reading the folder, checking each item,
-    comparing settings) happens in the constructor, so a front end can refuse before it starts an engine."""
-
-    def __init__(self, out: str | Path, model: str, prompts: list, defaults, seed: int,
-                 regenerate_changed: bool = False):
-        from emu3_vllm.offline.items import ItemError, image_spec
-
-        self.folder = ImageFolder(out, model)
-        self.prompts = prompts
-        self.specs: dict[int, Any] = {}
-        self.errors: dict[int, str] = {}
-        for index, prompt in enumerate(prompts):
-            try:
-                self.specs[index] = image_spec(prompt, where=f"item {index}", defaults=defaults, seed=seed + index)
-            except ItemError as exc:
-                self.specs[index], self.errors[index] = None, str(exc)
-        self.plan = self.folder.plan(self.specs)
-        if self.plan.changed and not regenerate_changed:
-            raise ChangedSettingsError(f"{out} already holds {self.plan.describe_changed()}; use another --out, "
-                                       "or --regenerate-changed to replace them")
-        self.todo = sorted(self.plan.todo + list(self.plan.changed))
-        self.stats = {"out": str(out), "images": len(prompts), "skipped": len(self.plan.skipped), "written": 0,
-                      "failed": 0, "regenerated": len(self.plan.changed) + len(self.plan.corrupt)}
-
-    @property
-    def needs_engine(self) -> bool:
-        return any(self.specs[i] is not None for i in self.todo)
-
-    def run(self, engine, *, max_in_flight: int | None = None, progress: bool = True, on_result=None) -> dict:
-        """Generate what is left; each image lands in the folder the moment it is decoded. Returns the stats.
-
-        A failed write (`WriteError`) stops the run there: everything finished so far stays in the folder and in
-        `self.stats`."""
-        from tqdm import tqdm
-
-        from emu3_vllm.jobs.prompt_source import given_prompt
-        from emu3_vllm.offline.results import GeneratedImage
-
-        def keep(index: int, result) -> None:
-            self.folder.write(index, result, given_prompt(self.prompts[index]))
-            self.stats["failed" if result.error else "written"] += 1
-            if on_result is not None:
-                on_result(index, result)
-
-        for index in self.todo:
-            if self.specs[index] is None:
-                keep(index, GeneratedImage.failed(self.prompts[index], self.errors[index]))
-        todo = [i for i in self.todo if self.specs[i] is not None]
-        if not todo:
-            return self.stats
-        from emu3_vllm.offline.image_stream import StreamStats
-
-        stream = StreamStats()
-        try:
-            # The stream is closed on any exit (a failed write included), so the images still in the engine are
-            # aborted now rather than whenever the generator is collected.
-            with tqdm(total=len(todo), desc="images", unit="img", dynamic_ncols=True, disable=not progress) as bar, \
-                    contextlib.closing(engine.iter_images([self.specs[i] for i in todo], indices=todo,
-                                                          max_in_flight=max_in_flight, stats=stream)) as images:
-                for index, result in images:
-                    keep(index, result)
-                    bar.update(1)
-                    if self.stats["failed"]:
-                        bar.set_postfix(failed=self.stats["failed"], refresh=False)
-        finally:
-            seconds = time.perf_counter() - stream.started
-            self.stats.update(seconds=round(seconds, 3), images_per_s=round(stream.finished / seconds, 3),
-                              decode_seconds=round(stream.decode_seconds, 3),
-                              mean_pairs_per_step=round(stream.mean_pairs_per_step, 2))
-        return self.stats
+    def postfix(self) -> dict:
+        return {"failed": self.stats["failed"]} if self.stats["failed"] else {}

@@ -4,12 +4,13 @@ Ray Data runs `map_batches` over an actor pool of N `ShardReplica`s (`ActorPoolS
 tensor-parallel size per replica on a cluster with GPUs, a fraction of a CPU per replica on a CPU-only one). A row
 is one image, so an image's two CFG halves are always submitted by one replica's engine. The dataset has one block
 per shard and batches are whole blocks (`batch_size=None`), so a replica receives a whole shard, streams it
-through its engine and writes the shard into `out` itself (tar, parquet, then the stats that mark it done, exactly
-as `shards.generate_shards` does for one process), returning one summary row. The driver plans the job first
-(every item checked, finished shards left out of the dataset, see `shards.ShardJob`), then only reports progress.
+through its engine and writes the shard into `out` itself (tar, parquet, then the stats that mark it done, through
+the same `job.run_items` and `webdataset.WebdatasetSink` as one process), returning one summary row. The driver
+plans the job first (a `job.GenerationJob`: every item checked, finished shards left out of the dataset), then
+only reports progress.
 Ray Data LLM's `build_processor` is not used: it submits rows as independent requests and can split a pair.
 
-Images are the same whichever replica draws them: an image depends on its seed only (see `cfg`). `out` must be a
+Images are the same whichever replica draws them: an image depends on its seed only (see `cfg_step`). `out` must be a
 folder every node can write (a shared file system) and the model a path every node can read, or a hub id.
 """
 
@@ -22,17 +23,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from emu3_vllm.jobs.webdataset import DEFAULT_SHARD_SIZE, ShardItem, ShardJob, generate_shards
-from emu3_vllm.prompts import DEFAULT_CFG_SCALE, NEGATIVE_PROMPT, POSITIVE_SUFFIX
-from emu3_vllm.settings import DEFAULT_SIDE, DEFAULT_TOP_K
+from emu3_vllm.jobs.job import GenerationJob, run_items
+from emu3_vllm.jobs.webdataset import DEFAULT_SHARD_SIZE, ROW_COLUMNS, WebdatasetSink, item_of_row, item_row
 
 # The environment variables the driver passes to its replicas (engine settings a user exports for vLLM).
 FORWARDED_ENV_PREFIXES = ("VLLM_",)
-# A dataset row: one image of one shard (`ShardItem.to_row`), typed so that every block has the same schema.
-ROW_COLUMNS = (("shard", "int64"), ("shard_items", "int64"), ("index", "int64"), ("prompt", "string"),
-               ("error", "string"), ("h", "int64"), ("w", "int64"), ("cfg_scale", "float64"), ("seed", "int64"),
-               ("negative_prompt", "string"), ("positive_suffix", "string"), ("top_k", "int64"),
-               ("temperature", "float64"))
 
 
 class ShardReplica:
@@ -51,25 +46,26 @@ class ShardReplica:
 
     def __call__(self, batch) -> dict[str, list]:
         rows = batch.to_pylist() if hasattr(batch, "to_pylist") else _rows_of(batch)
-        shards: dict[int, list[ShardItem]] = {}
+        sink = WebdatasetSink(self.out, self.model_id, shard_size=self.shard_size)
+        shards: dict[int, int] = {}
         for row in rows:
-            shards.setdefault(int(row["shard"]), []).append(ShardItem.from_row(row))
-        for shard, items in shards.items():
+            shards[int(row["shard"])] = shards.get(int(row["shard"]), 0) + 1
+        for shard, received in shards.items():
             expected = int(next(r["shard_items"] for r in rows if int(r["shard"]) == shard))
-            if len(items) != expected:  # a shard is the unit of work: never write part of one
-                raise RuntimeError(f"shard {shard} arrived with {len(items)} of its {expected} items")
+            if received != expected:  # a shard is the unit of work: never write part of one
+                raise RuntimeError(f"shard {shard} arrived with {received} of its {expected} items")
+            sink.expect(shard, expected)
         started = time.perf_counter()
-        run = generate_shards(self.engine, self.out, self.model_id,
-                              [(shard, sorted(items, key=lambda i: i.index)) for shard, items in shards.items()],
-                              shard_size=self.shard_size, max_in_flight=self.max_in_flight)
+        items = sorted((item_of_row(row) for row in rows), key=lambda item: item.index)
+        run_items(self.engine, items, sink, max_in_flight=self.max_in_flight)
         seconds = time.perf_counter() - started
         # One summary row per shard; the replica's time is split over its shards by their size.
-        total = sum(len(items) for items in shards.values())
-        return {"shard": [s["shard"] for s in run.shards],
-                "successes": [s["successes"] for s in run.shards],
-                "failed": [s["failed"] for s in run.shards],
-                "seconds": [seconds * s["count"] / total for s in run.shards],
-                "replica": [self.name] * len(run.shards)}
+        finished = sink.finished
+        return {"shard": [s["shard"] for s in finished],
+                "successes": [s["successes"] for s in finished],
+                "failed": [s["failed"] for s in finished],
+                "seconds": [seconds * s["count"] / len(rows) for s in finished],
+                "replica": [self.name] * len(finished)}
 
 
 def _rows_of(batch: dict) -> list[dict]:
@@ -90,7 +86,7 @@ def replica_resources(replicas: int, tensor_parallel_size: int, cpus_per_replica
     return {"num_cpus": cpus_per_replica}
 
 
-def run_on_ray(job: ShardJob, model: str, *, replicas: int, ray_address: str | None = None,
+def run_on_ray(job: GenerationJob, model: str, *, replicas: int, ray_address: str | None = None,
                tensor_parallel_size: int = 1, cpus_per_replica: float | None = None,
                engine_kwargs: dict | None = None, engine_seed: int = 0, max_in_flight: int | None = None,
                progress: bool = True, on_shard=None) -> dict:
@@ -126,25 +122,29 @@ def run_on_ray(job: ShardJob, model: str, *, replicas: int, ray_address: str | N
 
         DataContext.get_current().enable_progress_bars = False  # progress is reported below, per shard
         schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in ROW_COLUMNS])
-        tables = [pa.Table.from_pylist([{**item.to_row(shard), "shard_items": len(items)} for item in items],
-                                       schema=schema) for shard, items in job.todo_shards()]
+        sink = job.sink
+        by_shard: dict[int, list[dict]] = {}
+        for item in job.todo_items():
+            shard = sink.shard_of(item.index)
+            by_shard.setdefault(shard, []).append(item_row(item, shard, sink.sizes[shard]))
+        tables = [pa.Table.from_pylist(rows, schema=schema) for rows in by_shard.values()]
         dataset = ray.data.from_arrow(tables)
         env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
         results = dataset.map_batches(
             ShardReplica, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
             compute=ActorPoolStrategy(size=min(replicas, len(tables))),
-            fn_constructor_kwargs=dict(model=model, out=str(job.folder.out), model_id=job.model,
-                                       shard_size=job.shard_size, engine_kwargs=engine_kwargs,
+            fn_constructor_kwargs=dict(model=model, out=str(sink.out), model_id=sink.model,
+                                       shard_size=sink.shard_size, engine_kwargs=engine_kwargs,
                                        engine_seed=engine_seed, max_in_flight=max_in_flight),
             runtime_env={"env_vars": env}, **replica_resources(replicas, tensor_parallel_size, cpus_per_replica))
-        todo_images = sum(len(job.ranges[s]) for s in job.todo)
+        todo_images = sum(sink.sizes[s] for s in job.todo)
         per_replica: dict[str, dict[str, float]] = {}
         started = time.perf_counter()
         try:
             with tqdm(total=todo_images, desc="images", unit="img", dynamic_ncols=True, disable=not progress) as bar:
                 for row in results.iter_rows():
                     stats = {"successes": int(row["successes"]), "failed": int(row["failed"])}
-                    job.count(stats)
+                    sink.count(stats)
                     replica = per_replica.setdefault(row["replica"], {"images": 0, "failed": 0, "seconds": 0.0,
                                                                       "shards": 0})
                     replica["images"] += stats["successes"]
@@ -173,35 +173,35 @@ def run_on_ray(job: ShardJob, model: str, *, replicas: int, ray_address: str | N
 def generate_on_ray(model: str | os.PathLike, prompts: Iterable[Any], out: str | os.PathLike, *, replicas: int = 1,
                     shard_size: int = DEFAULT_SHARD_SIZE, ray_address: str | None = None,
                     tensor_parallel_size: int = 1, cpus_per_replica: float | None = None, seed: int = 0,
-                    height: int = DEFAULT_SIDE, width: int = DEFAULT_SIDE, cfg_scale: float = DEFAULT_CFG_SCALE,
-                    negative_prompt: str = NEGATIVE_PROMPT, positive_suffix: str = POSITIVE_SUFFIX,
-                    top_k: int = DEFAULT_TOP_K,
-                    temperature: float = 1.0, regenerate_changed: bool = False, num_shards: int = 1,
-                    shard_index: int = 0, max_in_flight: int | None = None, progress: bool = True,
-                    **engine_kwargs: Any) -> dict:
+                    regenerate_changed: bool = False, num_shards: int = 1, shard_index: int = 0,
+                    max_in_flight: int | None = None, progress: bool = True, **kwargs: Any) -> dict:
     """Text to image on a Ray cluster into webdataset shards in `out`, resumable shard by shard; returns the
     summary (images, failures, images/s overall and per replica).
 
     `prompts` are strings or dicts with per-prompt overrides (as `Emu3.generate_images` takes them); image i gets
-    seed `seed + i` unless its item sets one. `engine_kwargs` go to each replica's `Emu3`/`vllm.LLM`. A re-run
+    seed `seed + i` unless its item sets one. `kwargs` are the images' settings (`height`, `width`, `cfg_scale`,
+    `negative_prompt`, `positive_suffix`, `top_k`, `temperature`: `settings.CALL_LEVEL`, with Emu3's defaults) and
+    engine arguments for each replica's `Emu3`/`vllm.LLM` (any other name). A re-run
     over the same `out` skips the finished shards and refuses shards made with other settings unless
     `regenerate_changed`. See the module docstring for how replicas are placed.
     """
     from emu3_vllm.engine import check_engine_kwargs, check_kv_cache
     from emu3_vllm.offline.items import GenerationDefaults, check_model
-    from emu3_vllm.settings import Seed, SettingsError, check_value
+    from emu3_vllm.settings import CALL_LEVEL, Seed, SettingsError, check_value
 
     try:  # before Ray starts anything: a replica would only die of it
         check_value(Seed, seed, "seed")
     except SettingsError as exc:
         raise ValueError(str(exc)) from None
-    engine_kwargs = check_engine_kwargs(engine_kwargs or {})
+    settings = {name: kwargs.pop(name) for name in CALL_LEVEL if name in kwargs}
+    defaults = GenerationDefaults(**settings).checked()
+    engine_kwargs = check_engine_kwargs(kwargs)
     model = check_model(model)
     check_kv_cache(model, engine_kwargs.get("kv_cache_dtype"))
-    defaults = GenerationDefaults(height=height, width=width, cfg_scale=cfg_scale, negative_prompt=negative_prompt,
-                                  positive_suffix=positive_suffix, top_k=top_k, temperature=temperature).checked()
-    job = ShardJob(Path(out), model, list(prompts), defaults, seed, shard_size=shard_size,
-                   regenerate_changed=regenerate_changed, num_shards=num_shards, shard_index=shard_index)
+    if iter(prompts) is prompts:  # a one-shot iterator: the job reads its prompts twice (plan, then run)
+        prompts = list(prompts)
+    sink = WebdatasetSink(Path(out), model, shard_size=shard_size, num_shards=num_shards, shard_index=shard_index)
+    job = GenerationJob(prompts, sink, defaults, seed, regenerate_changed=regenerate_changed)
     return run_on_ray(job, model, replicas=replicas, ray_address=ray_address,
                       tensor_parallel_size=tensor_parallel_size, cpus_per_replica=cpus_per_replica,
                       engine_kwargs=engine_kwargs, max_in_flight=max_in_flight, progress=progress)

@@ -24,8 +24,7 @@ from emu3_vllm.offline.items import (
     one_or_many,
 )
 from emu3_vllm.offline.results import Answer, GeneratedImage
-from emu3_vllm.prompts import DEFAULT_CFG_SCALE, DEFAULT_SYSTEM_PROMPT, NEGATIVE_PROMPT, POSITIVE_SUFFIX
-from emu3_vllm.settings import DEFAULT_SIDE, DEFAULT_TOP_K
+from emu3_vllm.prompts import DEFAULT_SYSTEM_PROMPT
 
 __all__ = ["Answer", "Emu3", "GeneratedImage", "ImageSpec", "ItemError", "UnderstandingItem"]
 
@@ -182,20 +181,14 @@ class Emu3:
     def iter_images(
         self,
         prompts: Iterable[Any] | str,
-        height: int = DEFAULT_SIDE,
-        width: int = DEFAULT_SIDE,
-        cfg_scale: float = DEFAULT_CFG_SCALE,
-        negative_prompt: str = NEGATIVE_PROMPT,
-        positive_suffix: str = POSITIVE_SUFFIX,
-        top_k: int = DEFAULT_TOP_K,
-        temperature: float = 1.0,
+        *,
         seed: int | Sequence[int] | None = None,
         decode: bool = True,
-        *,
         indices: Iterable[int] | None = None,
         max_in_flight: int | None = None,
         decode_batch: int | None = None,
         stats=None,
+        **settings: Any,
     ) -> Iterator[tuple[int, GeneratedImage]]:
         """Text to image with classifier-free guidance, streamed: yields `(index, GeneratedImage)` as each image
         finishes (not in order), every index exactly once.
@@ -206,7 +199,8 @@ class Emu3:
         images submitted to the engine at once (default: the engine's `max_num_seqs`, so the pair scheduler always
         has a waiting pair to start); finished images are VQ-decoded on a background thread while the engine keeps
         stepping, up to `decode_batch` at a time (default: the decoder's batch size, 1 on CPU and 8 on a GPU, so
-        each image is yielded as soon as its own batch is decoded). `stats`, a `streaming.StreamStats`, is filled in.
+        each image is yielded as soon as its own batch is decoded). `stats`, an `image_stream.StreamStats`, is
+        filled in.
 
         Stopping early (break, close(), an exception, Ctrl-C) aborts the images still in the engine. While the
         stream is open the engine takes no other call.
@@ -214,9 +208,7 @@ class Emu3:
         from emu3_vllm.offline.image_stream import ImageStream
 
         llm = self._engine()
-        defaults = GenerationDefaults(height=height, width=width, cfg_scale=cfg_scale,
-                                      negative_prompt=negative_prompt, positive_suffix=positive_suffix,
-                                      top_k=top_k, temperature=temperature).checked()
+        defaults = GenerationDefaults.of(settings)
         decoder = self._decoder() if decode else None
         stream = ImageStream(llm, tokens=self.prompt_tokens, token_ids=self.token_ids, limits=self.limits,
                              prompt_len=self._prompt_len,
@@ -240,35 +232,31 @@ class Emu3:
     def generate_images(
         self,
         prompts: Iterable[Any] | str,
-        height: int = DEFAULT_SIDE,
-        width: int = DEFAULT_SIDE,
-        cfg_scale: float = DEFAULT_CFG_SCALE,
-        negative_prompt: str = NEGATIVE_PROMPT,
-        positive_suffix: str = POSITIVE_SUFFIX,
-        top_k: int = DEFAULT_TOP_K,
-        temperature: float = 1.0,
+        *,
         seed: int | Sequence[int] | None = None,
         decode: bool = True,
         use_tqdm: bool = True,
         max_in_flight: int | None = None,
+        **settings: Any,
     ) -> list[GeneratedImage]:
         """Text to image with classifier-free guidance; one result per prompt, in order.
 
         The images stream through one engine (`iter_images`), which batches them; the two halves of each image
         (prompt + `positive_suffix`, and `negative_prompt`) are kept in lockstep by the pair-aware scheduler and
-        guided by the CFG logits processor. `temperature=0` is greedy. `seed`: None draws a seed per image, an int
-        gives image i the seed `seed + i`, a sequence gives one seed per prompt. Each side of the size is rounded
-        to the nearest multiple of 8 pixels, halves up. A prompt may be a dict overriding `height`, `width`,
-        `cfg_scale`, `seed`, `negative_prompt` for itself; a single string or dict is one prompt.
+        guided by the CFG logits processor. `settings` are the images' settings (`settings.CALL_LEVEL`: `height`,
+        `width`, `cfg_scale`, `negative_prompt`, `positive_suffix`, `top_k`, `temperature`; Emu3's defaults:
+        720x720, scale 3, top-k 2048, Emu3's prompts). `temperature=0` is greedy. `seed`: None draws a seed per
+        image, an int gives image i the seed `seed + i`, a sequence gives one seed per prompt. Each side of the size
+        is rounded to the nearest multiple of 8 pixels, halves up. A prompt may be a dict overriding `height`,
+        `width`, `cfg_scale`, `seed`, `negative_prompt` for itself; a single string or dict is one prompt.
         """
         from tqdm import tqdm
 
         prompts = list(one_or_many(prompts, (str, dict, ImageSpec)))
         results: dict[int, GeneratedImage] = {}
         with tqdm(total=len(prompts), desc="images", unit="img", disable=not use_tqdm) as bar:
-            for index, result in self.iter_images(prompts, height, width, cfg_scale, negative_prompt,
-                                                  positive_suffix, top_k, temperature, seed, decode,
-                                                  max_in_flight=max_in_flight):
+            for index, result in self.iter_images(prompts, seed=seed, decode=decode, max_in_flight=max_in_flight,
+                                                  **settings):
                 results[index] = result
                 bar.update(1)
         return [results[i] for i in range(len(prompts))]

@@ -72,6 +72,18 @@ class GenerationDefaults:
     top_k: int = DEFAULT_TOP_K
     temperature: float = 1.0
 
+    @staticmethod
+    def fields() -> tuple[str, ...]:
+        return CALL_LEVEL
+
+    @classmethod
+    def of(cls, settings: dict[str, Any]) -> GenerationDefaults:
+        """Checked defaults from keyword arguments; a name that is not an image setting is a TypeError."""
+        unknown = sorted(set(settings) - set(CALL_LEVEL))
+        if unknown:
+            raise TypeError(f"unknown image setting {unknown[0]!r}; the settings are {', '.join(CALL_LEVEL)}")
+        return cls(**settings).checked()
+
     def checked(self) -> GenerationDefaults:
         """The same settings, validated; a bad one raises ValueError naming the argument."""
         try:
