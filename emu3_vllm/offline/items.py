@@ -12,23 +12,22 @@ import os
 import re
 import secrets
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
 
 from emu3_vllm.cfg_pairs import ImageSpec
 from emu3_vllm.image_loading import MAX_ASPECT_RATIO, load_image  # noqa: F401 - re-exported: callers import them from here
-from emu3_vllm.prompts import DEFAULT_CFG_SCALE, NEGATIVE_PROMPT, POSITIVE_SUFFIX
 from emu3_vllm.settings import (
     CALL_LEVEL,
-    DEFAULT_SIDE,
-    DEFAULT_TOP_K,
     PER_PROMPT,
+    ImageSettings,
     Prompt,
     Seed,
     SettingsError,
     Text,
     check_value,
+    field_kind,
     image_settings,
     show,
 )
@@ -59,18 +58,8 @@ def text_value(value: Any, field: str, where: str, *, allow_empty: bool = False)
 # Text to image
 
 
-@dataclass(frozen=True)
-class GenerationDefaults:
-    """The call-level settings every prompt gets unless it overrides them (see `OVERRIDES`); the defaults and
-    bounds are `settings.ImageSettings`'."""
-
-    height: int = DEFAULT_SIDE
-    width: int = DEFAULT_SIDE
-    cfg_scale: float = DEFAULT_CFG_SCALE
-    negative_prompt: str = NEGATIVE_PROMPT
-    positive_suffix: str = POSITIVE_SUFFIX
-    top_k: int = DEFAULT_TOP_K
-    temperature: float = 1.0
+class _CallSettings:
+    """The methods of `GenerationDefaults`; its fields are made from the settings model below."""
 
     @staticmethod
     def fields() -> tuple[str, ...]:
@@ -91,7 +80,16 @@ class GenerationDefaults:
             settings = image_settings(prompt="-", **asdict(self))
         except SettingsError as exc:
             raise ValueError(str(exc)) from None
-        return GenerationDefaults(**{name: getattr(settings, name) for name in CALL_LEVEL})
+        return type(self)(**{name: getattr(settings, name) for name in CALL_LEVEL})
+
+
+# The call-level settings every prompt gets unless it overrides them (see `OVERRIDES`): a frozen dataclass whose
+# fields, types and defaults are `settings.ImageSettings`' (`CALL_LEVEL`), so no list of them is written here.
+GenerationDefaults = make_dataclass(
+    "GenerationDefaults",
+    [(name, field_kind(name), field(default=ImageSettings.model_fields[name].default)) for name in CALL_LEVEL],
+    bases=(_CallSettings,), frozen=True)
+GenerationDefaults.__module__ = __name__  # for pickling (Ray) and reprs
 
 
 def image_spec(item: Any, *, where: str, defaults: GenerationDefaults, seed: Any) -> ImageSpec:
