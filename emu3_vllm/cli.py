@@ -460,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(p, answers=False)
     p.set_defaults(func=cmd_generate)
 
-    # Handled by `serve.main` before this parser runs (every vllm serve flag passes through); listed for --help.
+    # Handled by `serving.launcher.main` before this parser runs (every vllm serve flag passes through); listed
+    # for --help.
     sub.add_parser("serve", add_help=False,
                    help="vLLM's OpenAI server for Emu3 (chat, completions, /v1/images/generations): "
                         "emu3-vllm serve MODEL [any vllm serve flag]")

@@ -15,7 +15,7 @@ from typing import Any
 
 logger = logging.getLogger("emu3_vllm")
 
-# The CFG adapters by runner (both wrap `cfg.guide_pairs`), as vLLM's `module:Class` names so the same value serves
+# The CFG adapters by runner (both wrap `cfg_step.guide_pairs`), as vLLM's `module:Class` names so the same value serves
 # `vllm.LLM(logits_processors=...)` and `--logits-processors` on the server command line.
 CFG_PROCESSORS = {False: "emu3_vllm.vllm_plugin.cfg_processor_v1:Emu3CfgLogitsProcessor",
                   True: "emu3_vllm.vllm_plugin.cfg_processor_v2:Emu3CfgLogitsProcessorV2"}

@@ -28,7 +28,7 @@ class Answer(str):
 class GeneratedImage:
     """One text-to-image result: `image` (PIL) and `codes` (the (h, w) VQ code grid), or `error`.
 
-    `spec` is what defined the image (`protocol.ImageSpec`); None when the input itself could not be read.
+    `spec` is what defined the image (`cfg_pairs.ImageSpec`); None when the input itself could not be read.
     """
 
     prompt: Any

@@ -1,10 +1,10 @@
 """CFG for Emu3 image generation inside vLLM's sampler: the V1 model-runner adapter.
 
-Each image is two requests tagged as a pair (`protocol.py`): the conditional half and its unconditional twin. Every step
-the adapter finds both rows of each pair, checks they are in lockstep (both present, same number of generated tokens)
-and hands the batch to `cfg.guide_pairs`, which writes the chosen token into both rows. A pair out of lockstep is a bug
-upstream (scheduling): both halves are ended at once with EOS where the layout does not allow it, and the caller reports
-that image as failed instead of emitting a wrong image.
+Each image is two requests tagged as a pair (`cfg_pairs.py`): the conditional half and its unconditional twin. Every
+step the adapter finds both rows of each pair, checks they are in lockstep (both present, same number of generated
+tokens) and hands the batch to `cfg_step.guide_pairs`, which writes the chosen token into both rows. A pair out of
+lockstep is a bug upstream (scheduling): both halves are ended at once with EOS where the layout does not allow it,
+and the caller reports that image as failed instead of emitting a wrong image.
 
 Pair bookkeeping is rebuilt only when the batch changes (requests added, removed or moved); a steady decode step
 costs one `len` per row (vLLM's live output lists, read in C by `map`) and the tensor step.

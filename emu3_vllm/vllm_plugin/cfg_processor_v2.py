@@ -1,6 +1,6 @@
 """CFG pairing for vLLM's Model Runner V2 (`vllm.v1.worker.gpu.sample.logits_processor.LogitsProcessor`).
 
-The same step as the V1 adapter (`cfg.guide_pairs`), fed from V2's state: requests live in recycled slots
+The same step as the V1 adapter (`cfg_step.guide_pairs`), fed from V2's state: requests live in recycled slots
 (`add_request` overwrites whatever a slot held; V2 never says when a request ends), each step's rows map to
 slots through `ctx.idx_mapping_np`, and a half's generated length is `total_len - prompt_len` on the device. Pair
 matching is numpy over the step's slots and the lockstep check and failure flags stay on the device, so a step
