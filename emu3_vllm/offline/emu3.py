@@ -170,7 +170,7 @@ class Emu3:
 
     def image_generation_prompts(self, prompt: str, h: int, w: int, negative_prompt: str,
                                  positive_suffix: str) -> tuple[str, str]:
-        """(cond, uncond) prompt texts for an h x w token grid (see `protocol.pair_prompts`)."""
+        """(cond, uncond) prompt texts for an h x w token grid (see `cfg_pairs.pair_prompts`)."""
         spec = ImageSpec(prompt=prompt, h=h, w=w, cfg_scale=1.0, seed=0, negative_prompt=negative_prompt,
                          positive_suffix=positive_suffix, top_k=0, temperature=1.0)
         return pair_prompts(spec, self.prompt_tokens)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import queue
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -87,14 +88,12 @@ class ImageStream:
         self._name = f"s{next(_stream_ids)}"
 
     def run(self, items: Iterable[tuple[int, Any, ImageSpec | ItemError]]) -> Iterator[tuple[int, GeneratedImage]]:
-        from emu3_vllm.offline.vq_decode import DecodeWorker
-
         source = iter(items)
         exhausted = False
         in_flight: dict[str, _Pair] = {}  # pair id -> pair
         by_request: dict[str, tuple[str, str]] = {}  # vLLM request id (as outputs carry it) -> (pair id, role)
         ready: deque[tuple[int, GeneratedImage]] = deque()
-        worker = DecodeWorker(self.decoder.decode, self.decode_batch) if self.decoder is not None else None
+        worker = _Decodes(self.decoder.decode, self.decode_batch) if self.decoder is not None else None
         engine = self.llm.llm_engine
         lockstep = DataParallelLockstep.of(self.llm)
         backlog = max(2 * self.decode_batch, self.max_in_flight)  # images decoded or waiting for the decoder
@@ -210,6 +209,45 @@ class ImageStream:
             worker.submit(pair.index, result)
         else:
             ready.append((pair.index, result))
+
+
+class _Decodes:
+    """The stream's view of a `DecodeBatcher`: (index, result) pairs in, decoded ones collected without blocking."""
+
+    def __init__(self, decode, max_batch: int):
+        from emu3_vllm.offline.vq_decode import DecodeBatcher
+
+        self._batcher = DecodeBatcher(decode, max_batch)
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self.pending = 0  # submitted, not yet collected
+
+    def submit(self, index: int, result: GeneratedImage) -> None:
+        self.pending += 1
+        future = self._batcher.submit(result.codes)
+        future.add_done_callback(lambda f: self._done.put((index, result, f)))
+
+    def done(self, wait: bool = False) -> list[tuple[int, GeneratedImage]]:
+        """Decoded (index, result) pairs so far; with `wait`, block until at least one is there."""
+        finished = [self._done.get()] if wait and self.pending else []
+        while True:
+            try:
+                finished.append(self._done.get_nowait())
+            except queue.Empty:
+                break
+        self.pending -= len(finished)
+        out = []
+        for index, result, future in finished:
+            exc = future.exception()
+            if exc is None:
+                result.image = future.result()
+            else:  # that image fails, the stream goes on
+                result.error = f"item {index}: {exc}"
+            out.append((index, result))
+        return out
+
+    def close(self) -> float:
+        """Stop decoding; returns the seconds spent decoding."""
+        return self._batcher.close()
 
 
 def _external_id(request_id: str) -> str:

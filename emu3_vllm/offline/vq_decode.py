@@ -5,7 +5,13 @@ Only the VQ-VAE's weights are read from the checkpoint, so decoding does not loa
 
 from __future__ import annotations
 
+import contextlib
 import json
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -85,62 +91,60 @@ class VQDecoder:
         return images
 
 
-class DecodeWorker:
-    """VQ-decodes finished images on a background thread, a batch of whatever has arrived (up to `max_batch`) at a
-    time, so the engine keeps stepping while images decode. `decode` maps code grids to images; a batch that fails
-    to decode fails its images (with the reason), not the stream."""
+class DecodeError(RuntimeError):
+    """VQ decode (or the postprocess after it) of an image failed."""
 
-    def __init__(self, decode, max_batch: int = 32):
-        import queue
-        import threading
 
+class DecodeBatcher:
+    """Decodes code grids on one background thread, a batch of whatever waits (up to `max_batch`) at a time.
+
+    `submit(grid)` returns a `concurrent.futures.Future` of the grid's image (`postprocess(image)` when given: it
+    runs on the worker thread, so a server's event loop never encodes a PNG). Grids that arrive while a batch
+    decodes form the next batch, so batch size follows the load by itself. A batch that fails fails its own futures
+    with a `DecodeError` carrying the reason; a future cancelled before its batch starts is skipped.
+    """
+
+    def __init__(self, decode: Callable[[list], list], max_batch: int = 32, postprocess: Callable | None = None):
         self._decode = decode
+        self._postprocess = postprocess
         self._max_batch = max(1, max_batch)
-        self._todo: queue.Queue = queue.Queue()
-        self._done: queue.Queue = queue.Queue()
-        self.pending = 0  # submitted, not yet collected
-        self.busy_seconds = 0.0
+        self._todo: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False
+        self.busy_seconds = 0.0  # decoding and postprocessing, failed batches included
+        self.batches: list[int] = []  # size of each batch decoded, for tests and benchmarks
         self._thread = threading.Thread(target=self._run, name="emu3-vq-decode", daemon=True)
         self._thread.start()
 
-    def submit(self, index: int, result) -> None:
-        self.pending += 1
-        self._todo.put((index, result))
-
-    def done(self, wait: bool = False) -> list:
-        """Decoded (index, result) pairs so far; with `wait`, block until at least one is there."""
-        import queue
-
-        out = []
-        if wait and self.pending:
-            out.append(self._done.get())
-        while True:
-            try:
-                out.append(self._done.get_nowait())
-            except queue.Empty:
-                break
-        self.pending -= len(out)
-        return out
+    def submit(self, grid: list[list[int]]) -> Future:
+        if self._closed:
+            raise RuntimeError("the decode batcher is closed")
+        future: Future = Future()
+        self._todo.put((grid, future))
+        return future
 
     def close(self) -> float:
-        """Stop after the batch in hand; returns the seconds spent decoding."""
+        """Cancel what waits, stop after the batch in hand; returns the seconds spent decoding."""
+        self._closed = True
+        while True:
+            try:
+                _, future = self._todo.get_nowait()
+            except queue.Empty:
+                break
+            future.cancel()
         self._todo.put(None)
         self._thread.join()
         return self.busy_seconds
 
     def _run(self) -> None:
-        import contextlib
-        import queue
-        import time
-
         # Decoding on its own CUDA stream lets it overlap other GPU work of this process.
         stream = torch.cuda.stream(torch.cuda.Stream()) if torch.cuda.is_available() else contextlib.nullcontext()
         with stream:
-            while True:
+            stop = False
+            while not stop:
                 first = self._todo.get()
                 if first is None:
                     return
-                batch, stop = [first], False
+                batch = [first]
                 while len(batch) < self._max_batch:
                     try:
                         item = self._todo.get_nowait()
@@ -150,15 +154,24 @@ class DecodeWorker:
                         stop = True
                         break
                     batch.append(item)
-                start = time.perf_counter()
-                try:
-                    for (_, result), image in zip(batch, self._decode([r.codes for _, r in batch])):
-                        result.image = image
-                except Exception as exc:  # e.g. out of memory: those images fail, the stream goes on
-                    for index, result in batch:
-                        result.error = f"item {index}: VQ decode failed: {type(exc).__name__}: {exc}"
-                self.busy_seconds += time.perf_counter() - start
-                for item in batch:
-                    self._done.put(item)
-                if stop:
-                    return
+                self._decode_batch([(grid, f) for grid, f in batch if f.set_running_or_notify_cancel()])
+
+    def _decode_batch(self, batch: list[tuple[list[list[int]], Future]]) -> None:
+        if not batch:
+            return
+        start = time.perf_counter()
+        try:
+            images = self._decode([grid for grid, _ in batch])
+            if self._postprocess is not None:
+                images = [self._postprocess(image) for image in images]
+        except Exception as exc:  # e.g. out of memory: these images fail, later batches go on
+            error = DecodeError(f"VQ decode failed: {type(exc).__name__}: {exc}")
+            error.__cause__ = exc
+            for _, future in batch:
+                future.set_exception(error)
+            return
+        finally:
+            self.busy_seconds += time.perf_counter() - start
+        self.batches.append(len(batch))
+        for (_, future), image in zip(batch, images):
+            future.set_result(image)
