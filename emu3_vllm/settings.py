@@ -40,6 +40,7 @@ MAX_CFG_SCALE = 1000.0
 MAX_TEMPERATURE = 1000.0
 MAX_PROMPT_CHARS = 100_000
 MAX_IMAGES = 10  # images per HTTP request (`n`), as vllm-omni's images route allows
+MAX_PREVIEWS = 3  # previews of one image while it is drawn: OpenAI's bound on partial_images
 
 DEFAULT_SIDE = 720  # Emu3's own image area is 720x720 (518,400 pixels)
 DEFAULT_TOP_K = 2048  # Emu3's: 1/16 of its 32,768 codes
@@ -104,6 +105,7 @@ Text = Annotated[str, Field(max_length=MAX_PROMPT_CHARS), BeforeValidator(_strin
 Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS), BeforeValidator(_string),
                    AfterValidator(_not_blank)]
 ImageCount = Annotated[int, Field(ge=1, le=MAX_IMAGES), BeforeValidator(_whole)]
+Previews = Annotated[int, Field(ge=0, le=MAX_PREVIEWS), BeforeValidator(_whole)]  # OpenAI's partial_images
 
 
 class ImageSettings(BaseModel):

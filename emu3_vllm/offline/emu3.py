@@ -23,6 +23,7 @@ from emu3_vllm.offline.items import (
     load_image,
     one_or_many,
 )
+from emu3_vllm.offline.previews import ImagePreview
 from emu3_vllm.offline.results import Answer, GeneratedImage
 from emu3_vllm.prompts import DEFAULT_SYSTEM_PROMPT
 
@@ -188,8 +189,9 @@ class Emu3:
         max_in_flight: int | None = None,
         decode_batch: int | None = None,
         stats=None,
+        previews: int = 0,
         **settings: Any,
-    ) -> Iterator[tuple[int, GeneratedImage]]:
+    ) -> Iterator[tuple[int, GeneratedImage | ImagePreview]]:
         """Text to image with classifier-free guidance, streamed: yields `(index, GeneratedImage)` as each image
         finishes (not in order), every index exactly once.
 
@@ -202,18 +204,29 @@ class Emu3:
         each image is yielded as soon as its own batch is decoded). `stats`, an `image_stream.StreamStats`, is
         filled in.
 
+        `previews=k` (0 to 3) also yields each image k times while it is drawn, as `(index, ImagePreview)` before
+        its `(index, GeneratedImage)`: the rows drawn so far at the final size over a mid-grey fill, at evenly
+        spaced row counts (see `offline.previews`). The finished image is the one a stream without previews
+        makes.
+
         Stopping early (break, close(), an exception, Ctrl-C) aborts the images still in the engine. While the
         stream is open the engine takes no other call.
         """
         from emu3_vllm.offline.image_stream import ImageStream
+        from emu3_vllm.settings import Previews, SettingsError, check_value
 
         llm = self._engine()
         defaults = GenerationDefaults.of(settings)
+        try:
+            previews = check_value(Previews, previews, "previews")
+        except SettingsError as exc:
+            raise ValueError(str(exc)) from None
         decoder = self._decoder() if decode else None
         stream = ImageStream(llm, tokens=self.prompt_tokens, token_ids=self.token_ids, limits=self.limits,
                              prompt_len=self._prompt_len,
                              max_in_flight=max_in_flight if max_in_flight is not None else self.limits.max_num_seqs,
-                             decoder=decoder, decode_batch=decode_batch or getattr(decoder, "batch_size", 1))
+                             decoder=decoder, decode_batch=decode_batch or getattr(decoder, "batch_size", 1),
+                             previews=previews)
         if stats is not None:
             stream.stats = stats
         items = image_specs(one_or_many(prompts, (str, dict, ImageSpec)), indices, seed, defaults)

@@ -8,6 +8,10 @@ beyond that, decode is the bottleneck and new prompts wait). Bad items come back
 reach the engine. Whatever ends the stream early (the consumer stops iterating, an exception, Ctrl-C) aborts every
 request this stream still has in the engine, so the engine is left as it was. An engine that is one data-parallel rank
 under vLLM's external launcher steps in lockstep with the other ranks (`DataParallelLockstep`).
+
+With `previews=k`, each image is also yielded k times as an `ImagePreview` while it is drawn (see `previews`): the
+conditional half then streams its tokens to this loop (vLLM's DELTA outputs), and previews decode on the same
+batcher as the images. A stream without previews asks vLLM for final outputs only, as before.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from emu3_vllm.cfg_pairs import (
 )
 from emu3_vllm.layout import ImageTokenIds
 from emu3_vllm.offline.items import EngineLimits, ItemError
+from emu3_vllm.offline.previews import ImagePreview, RowWatcher, compose
 from emu3_vllm.offline.results import GeneratedImage
 from emu3_vllm.offline.stepping import DataParallelLockstep, abort
 
@@ -48,6 +53,7 @@ class _Pair:
     result: GeneratedImage
     request_ids: list[str]  # vLLM's internal ids, for aborting
     outputs: dict[str, Any] = field(default_factory=dict)
+    watcher: RowWatcher | None = None  # the conditional half's tokens so far, when previews are asked for
 
 
 @dataclass
@@ -73,9 +79,12 @@ class ImageStream:
     """One pass of image specs through an engine; see the module docstring."""
 
     def __init__(self, llm, *, tokens: PromptTokens, token_ids: ImageTokenIds, limits: EngineLimits,
-                 prompt_len: Callable[[str], int], max_in_flight: int, decoder=None, decode_batch: int = 1):
+                 prompt_len: Callable[[str], int], max_in_flight: int, decoder=None, decode_batch: int = 1,
+                 previews: int = 0):
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+        if previews and decoder is None:
+            raise ValueError("previews are decoded images: they need decode=True")
         self.llm = llm
         self.tokens = tokens
         self.token_ids = token_ids
@@ -84,10 +93,12 @@ class ImageStream:
         self.max_in_flight = max_in_flight
         self.decoder = decoder
         self.decode_batch = decode_batch
+        self.previews = previews
         self.stats = StreamStats()
         self._name = f"s{next(_stream_ids)}"
 
-    def run(self, items: Iterable[tuple[int, Any, ImageSpec | ItemError]]) -> Iterator[tuple[int, GeneratedImage]]:
+    def run(self, items: Iterable[tuple[int, Any, ImageSpec | ItemError]]
+            ) -> Iterator[tuple[int, GeneratedImage | ImagePreview]]:
         source = iter(items)
         exhausted = False
         in_flight: dict[str, _Pair] = {}  # pair id -> pair
@@ -131,8 +142,7 @@ class ImageStream:
                 elif exhausted:
                     return
                 for output in outputs:
-                    if output.finished:
-                        self._finish(output, in_flight, by_request, ready, worker)
+                    self._output(output, in_flight, by_request, ready, worker)
             while worker is not None and worker.pending:
                 ready.extend(worker.done(wait=True))
             while ready:
@@ -145,7 +155,9 @@ class ImageStream:
             if worker is not None:
                 self.stats.decode_seconds = worker.close()
 
-    def _count(self, result: GeneratedImage) -> None:
+    def _count(self, result: GeneratedImage | ImagePreview) -> None:
+        if isinstance(result, ImagePreview):
+            return
         if result.error is None:
             self.stats.finished += 1
             self.stats.image_tokens += result.spec.num_tokens
@@ -167,8 +179,11 @@ class ImageStream:
             pair_id = f"{self._name}:{index}"
             added: list[str] = []
             try:
-                for text, params in zip((cond, uncond), pair_sampling_params(spec, pair_id)):
-                    added += self.llm.enqueue({"prompt": text}, params, use_tqdm=False)
+                for role, text, params in zip((COND, UNCOND), (cond, uncond), pair_sampling_params(spec, pair_id)):
+                    if self.previews:
+                        added.append(self._add_streamed(f"{pair_id}-{role}", text, params, role == COND))
+                    else:
+                        added += self.llm.enqueue({"prompt": text}, params, use_tqdm=False)
             except BaseException as exc:
                 abort(self.llm.llm_engine, added)  # never leave a half waiting for a twin that will not come
                 if not isinstance(exc, Exception):  # Ctrl-C between the halves
@@ -179,16 +194,36 @@ class ImageStream:
             result.error = str(exc)
             ready.append((index, result))
             return
-        in_flight[pair_id] = _Pair(index, result, added)
+        watcher = RowWatcher(spec.h, spec.w, self.previews, self.token_ids) if self.previews else None
+        in_flight[pair_id] = _Pair(index, result, added, watcher=watcher)
         for role, request_id in zip((COND, UNCOND), added):
             by_request[_external_id(request_id)] = (pair_id, role)
         self.stats.submitted += 1
         self.stats.max_in_engine = max(self.stats.max_in_engine, len(in_flight))
 
-    def _finish(self, output, in_flight: dict, by_request: dict, ready: deque, worker) -> None:
-        key = by_request.pop(output.request_id, None)
+    def _add_streamed(self, request_id: str, text: str, params, stream_tokens: bool) -> str:
+        """Add one half directly to the engine (`LLM.enqueue` asks for final outputs only): the half that shows
+        the previews streams its new tokens every step."""
+        from vllm.sampling_params import RequestOutputKind
+
+        params.output_kind = RequestOutputKind.DELTA if stream_tokens else RequestOutputKind.FINAL_ONLY
+        return self.llm.llm_engine.add_request(request_id, {"prompt": text}, params)
+
+    def _output(self, output, in_flight: dict, by_request: dict, ready: deque, worker) -> None:
+        key = by_request.get(output.request_id)
         if key is None:
             return  # not this stream's request
+        pair = in_flight[key[0]]
+        if pair.watcher is not None and key[1] == COND:
+            spec = pair.result.spec
+            for preview_index, rows, grid in pair.watcher.feed(output.outputs[0].token_ids):
+                preview = ImagePreview(pair.index, preview_index, rows)
+                worker.submit(pair.index, preview, grid, lambda image, s=spec: compose(image, s.height, s.width))
+        if output.finished:
+            del by_request[output.request_id]
+            self._finish(output, key, in_flight, ready, worker)
+
+    def _finish(self, output, key: tuple[str, str], in_flight: dict, ready: deque, worker) -> None:
         pair_id, role = key
         pair = in_flight[pair_id]
         pair.outputs[role] = output
@@ -200,19 +235,20 @@ class ImageStream:
         del in_flight[pair_id]
         spec = result.spec
         try:
-            result.codes = pair_codes(pair.outputs[COND].outputs[0].token_ids,
-                                      pair.outputs[UNCOND].outputs[0].token_ids, spec.h, spec.w, self.token_ids)
+            cond_ids = pair.watcher.tokens if pair.watcher is not None else pair.outputs[COND].outputs[0].token_ids
+            result.codes = pair_codes(cond_ids, pair.outputs[UNCOND].outputs[0].token_ids, spec.h, spec.w,
+                                      self.token_ids)
         except PairError as exc:
             result.error = f"item {pair.index}: generation failed: {exc}"
             logger.warning("%s", result.error)
         if result.error is None and worker is not None:
-            worker.submit(pair.index, result)
+            worker.submit(pair.index, result, result.codes)
         else:
             ready.append((pair.index, result))
 
 
 class _Decodes:
-    """The stream's view of a `DecodeBatcher`: (index, result) pairs in, decoded ones collected without blocking."""
+    """The stream's view of a `DecodeBatcher`: results and previews in, decoded ones collected without blocking."""
 
     def __init__(self, decode, max_batch: int):
         from emu3_vllm.offline.vq_decode import DecodeBatcher
@@ -221,12 +257,12 @@ class _Decodes:
         self._done: queue.SimpleQueue = queue.SimpleQueue()
         self.pending = 0  # submitted, not yet collected
 
-    def submit(self, index: int, result: GeneratedImage) -> None:
+    def submit(self, index: int, result: GeneratedImage | ImagePreview, grid, postprocess=None) -> None:
         self.pending += 1
-        future = self._batcher.submit(result.codes)
+        future = self._batcher.submit(grid, postprocess)
         future.add_done_callback(lambda f: self._done.put((index, result, f)))
 
-    def done(self, wait: bool = False) -> list[tuple[int, GeneratedImage]]:
+    def done(self, wait: bool = False) -> list[tuple[int, GeneratedImage | ImagePreview]]:
         """Decoded (index, result) pairs so far; with `wait`, block until at least one is there."""
         finished = [self._done.get()] if wait and self.pending else []
         while True:
@@ -240,6 +276,9 @@ class _Decodes:
             exc = future.exception()
             if exc is None:
                 result.image = future.result()
+            elif isinstance(result, ImagePreview):  # a preview is only a view: the image reports its own error
+                logger.warning("item %d: preview %d: %s", index, result.preview_index, exc)
+                continue
             else:  # that image fails, the stream goes on
                 result.error = f"item {index}: {exc}"
             out.append((index, result))

@@ -98,10 +98,11 @@ class DecodeError(RuntimeError):
 class DecodeBatcher:
     """Decodes code grids on one background thread, a batch of whatever waits (up to `max_batch`) at a time.
 
-    `submit(grid)` returns a `concurrent.futures.Future` of the grid's image (`postprocess(image)` when given: it
-    runs on the worker thread, so a server's event loop never encodes a PNG). Grids that arrive while a batch
-    decodes form the next batch, so batch size follows the load by itself. A batch that fails fails its own futures
-    with a `DecodeError` carrying the reason; a future cancelled before its batch starts is skipped.
+    `submit(grid)` returns a `concurrent.futures.Future` of the grid's image (`postprocess(image)` when given, the
+    batcher's or the grid's own: it runs on the worker thread, so a server's event loop never encodes a PNG). Grids
+    that arrive while a batch decodes form the next batch, so batch size follows the load by itself. A batch that
+    fails fails its own futures with a `DecodeError` carrying the reason; a future cancelled before its batch starts
+    is skipped.
     """
 
     def __init__(self, decode: Callable[[list], list], max_batch: int = 32, postprocess: Callable | None = None):
@@ -115,11 +116,11 @@ class DecodeBatcher:
         self._thread = threading.Thread(target=self._run, name="emu3-vq-decode", daemon=True)
         self._thread.start()
 
-    def submit(self, grid: list[list[int]]) -> Future:
+    def submit(self, grid: list[list[int]], postprocess: Callable | None = None) -> Future:
         if self._closed:
             raise RuntimeError("the decode batcher is closed")
         future: Future = Future()
-        self._todo.put((grid, future))
+        self._todo.put((grid, future, postprocess or self._postprocess))
         return future
 
     def close(self) -> float:
@@ -127,7 +128,7 @@ class DecodeBatcher:
         self._closed = True
         while True:
             try:
-                _, future = self._todo.get_nowait()
+                _, future, _ = self._todo.get_nowait()
             except queue.Empty:
                 break
             future.cancel()
@@ -154,24 +155,23 @@ class DecodeBatcher:
                         stop = True
                         break
                     batch.append(item)
-                self._decode_batch([(grid, f) for grid, f in batch if f.set_running_or_notify_cancel()])
+                self._decode_batch([item for item in batch if item[1].set_running_or_notify_cancel()])
 
-    def _decode_batch(self, batch: list[tuple[list[list[int]], Future]]) -> None:
+    def _decode_batch(self, batch: list[tuple[list[list[int]], Future, Callable | None]]) -> None:
         if not batch:
             return
         start = time.perf_counter()
         try:
-            images = self._decode([grid for grid, _ in batch])
-            if self._postprocess is not None:
-                images = [self._postprocess(image) for image in images]
+            images = self._decode([grid for grid, _, _ in batch])
+            images = [image if post is None else post(image) for image, (_, _, post) in zip(images, batch)]
         except Exception as exc:  # e.g. out of memory: these images fail, later batches go on
             error = DecodeError(f"VQ decode failed: {type(exc).__name__}: {exc}")
             error.__cause__ = exc
-            for _, future in batch:
+            for _, future, _ in batch:
                 future.set_exception(error)
             return
         finally:
             self.busy_seconds += time.perf_counter() - start
         self.batches.append(len(batch))
-        for (_, future), image in zip(batch, images):
+        for (_, future, _), image in zip(batch, images):
             future.set_result(image)

@@ -11,6 +11,13 @@ The request has the OpenAI Images API shape, with Emu3's settings at the top lev
 
 Image i of n gets seed `seed + i`, so each image equals `Emu3.generate_images` offline with that seed.
 
+With `"stream": true` the answer is server-sent events, as OpenAI streams images: `partial_images` k (0 to 3)
+`image_generation.partial_image` events per image while it is drawn (the rows drawn so far over a mid-grey fill,
+see `offline.previews`), then one `image_generation.completed` event with the finished image (the same pixels as
+without streaming) and its `usage`. Every event also carries `image_index` (which of the n images it belongs to)
+and the completed one the image's `seed`; an image that fails sends an `error` event, after the other images'
+events.
+
 `ImagesRequest` is typed with the field types of `settings.ImageSettings`, so `/openapi.json` states the bounds the
 route enforces. The route reads and checks the body itself (`read_images_request`) instead of letting FastAPI do
 it: every bad value gets a 400 in OpenAI's error shape whose `param` is the field as the user wrote it and whose
@@ -33,6 +40,7 @@ from emu3_vllm.offline.items import GenerationDefaults, ItemError, image_spec
 from emu3_vllm.settings import (
     DEFAULT_SIDE,
     INT64_MAX,
+    MAX_PREVIEWS,
     MAX_SIDE,
     CfgScale,
     ImageCount,
@@ -51,7 +59,7 @@ ROUTE = "/v1/images/generations"
 WHERE = "request"
 SIZE_PATTERN = r"^\s*(auto|\d+\s*[xX]\s*\d+)\s*$"
 _SIZE = re.compile(r"\s*(?:auto|(\d+)\s*[xX]\s*(\d+))\s*")
-MAX_PARTIAL_IMAGES = 3  # OpenAI's bound
+MAX_PARTIAL_IMAGES = MAX_PREVIEWS  # OpenAI's bound
 
 # --------------------------------------------------------------------------------------------------------------
 # The request and response models
@@ -88,8 +96,10 @@ class ImagesRequest(BaseModel):
     negative_prompt: Text | None = Field(None, description="The unguided half's prompt (Emu3's own by default).")
     top_k: TopK | None = Field(None, description="Top-k over the image codes; 0 or -1 for none (Emu3's 2048).")
     temperature: Temperature | None = Field(None, description="Sampling temperature; 0 is greedy (default 1).")
-    stream: Switch | None = Field(None, description="Must be false or left out: streaming is not supported yet.")
-    partial_images: PartialImages | None = Field(None, description="Streaming only; not supported yet.")
+    stream: Switch | None = Field(None, description="true: answer with server-sent events, OpenAI's "
+                                  "image_generation.partial_image and image_generation.completed.")
+    partial_images: PartialImages | None = Field(None, description="With stream: previews per image while it is "
+                                                 "drawn (default 0).")
     user: Name | None = Field(None, description="OpenAI's end-user id; accepted and ignored.")
     quality: Any = Field(None, description=IGNORED)
     style: Any = Field(None, description=IGNORED)
@@ -110,6 +120,49 @@ class ImagesResponse(BaseModel):
     size: str = Field(description='"WIDTHxHEIGHT" generated (each side a multiple of 8).')
     output_format: Literal["png"]
     data: list[ImageData]
+
+
+# The streamed events: OpenAI's `image_generation.*` shapes (the `openai` SDK's ImageGenStreamEvent), plus
+# `image_index` to tell the n images of a request apart.
+
+
+class _StreamedImage(BaseModel):
+    b64_json: str
+    size: str
+    output_format: Literal["png"] = "png"
+    background: Literal["opaque"] = "opaque"
+    quality: Literal["auto"] = "auto"
+    created_at: int
+    image_index: int = Field(description="Which of the request's n images this event belongs to.")
+
+
+class PartialImageEvent(_StreamedImage):
+    type: Literal["image_generation.partial_image"] = "image_generation.partial_image"
+    partial_image_index: int = Field(description="0-based: the preview's place among this image's previews.")
+
+
+class InputTokensDetails(BaseModel):
+    image_tokens: int = 0
+    text_tokens: int
+
+
+class Usage(BaseModel):
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int
+    total_tokens: int
+
+
+class CompletedEvent(_StreamedImage):
+    type: Literal["image_generation.completed"] = "image_generation.completed"
+    usage: Usage
+    seed: int
+
+
+def usage(prompt_tokens: int, image_tokens: int) -> Usage:
+    """OpenAI's usage of one image: the prompt tokens of its two CFG halves in, the image's tokens out."""
+    return Usage(input_tokens=prompt_tokens, input_tokens_details=InputTokensDetails(text_tokens=prompt_tokens),
+                 output_tokens=image_tokens, total_tokens=prompt_tokens + image_tokens)
 
 
 def request_schema() -> dict:
@@ -208,6 +261,8 @@ def read_images_request(body: bytes) -> ImagesRequest:
 class ImagesCall:
     specs: list[ImageSpec]  # image i of n
     size: str  # "WxH" actually generated (each side rounded to a multiple of 8)
+    stream: bool = False
+    partial_images: int = 0
 
 
 def parse_size(value: Any, auto: tuple[int, int] = (DEFAULT_SIDE, DEFAULT_SIDE)) -> tuple[int, int]:
@@ -236,10 +291,8 @@ def parse_images_request(request: ImagesRequest, *, auto_size: tuple[int, int] =
     """The image specs a validated request asks for, or an `ItemError` whose `field` is the request's field.
 
     `auto_size` is (height, width) for `size` "auto" or left out."""
-    if request.stream:
-        raise ItemError("stream is not supported yet: send stream false or leave it out", "stream")
-    if request.partial_images is not None:
-        raise ItemError("partial_images needs stream, which is not supported yet", "partial_images")
+    if request.partial_images is not None and not request.stream:
+        raise ItemError("partial_images needs stream true: previews come as server-sent events", "partial_images")
     height, width = parse_size(request.size, auto_size)
     defaults = GenerationDefaults()
     scale = defaults.cfg_scale if request.guidance_scale is None else request.guidance_scale
@@ -263,4 +316,5 @@ def parse_images_request(request: ImagesRequest, *, auto_size: tuple[int, int] =
         field = "size" if exc.field in ("height", "width") else exc.field
         raise ItemError(str(exc).removeprefix(f"{WHERE}: "), field) from None
     specs = [replace(first, seed=seed + i) for i in range(n)]
-    return ImagesCall(specs=specs, size=f"{first.width}x{first.height}")
+    return ImagesCall(specs=specs, size=f"{first.width}x{first.height}", stream=bool(request.stream),
+                      partial_images=request.partial_images or 0)

@@ -11,6 +11,12 @@ encoding included, so the event loop never does either. A bad request is a 400 i
 that fails in generation comes back in its place in `data` with an `error` saying why; a client that disconnects
 gets both halves of its images aborted.
 
+With `"stream": true` the route answers with server-sent events (`_events`): each image's conditional half streams
+its new tokens (vLLM's DELTA outputs), a `previews.RowWatcher` says when each of the `partial_images` previews is
+due, and the preview is decoded on the same batcher as the images, composed at the final size and sent as
+`image_generation.partial_image`; then `image_generation.completed` carries the finished image. A request that
+does not stream asks vLLM for final outputs only, as before.
+
 The plugin also puts two kinds of client error on vLLM's own routes into OpenAI's error shape: a media URL in a
 chat message that cannot be loaded (a `file://` URL the server may not read, an unreachable host) is a 400 rather
 than vLLM's 500 (`media_error_handler`), and a body FastAPI cannot parse is a 400 in the shape vLLM's routes
@@ -194,6 +200,11 @@ def _passes_through(exc: BaseException) -> bool:
     return isinstance(exc, (VLLMClientError, GracefulHTTPError, EngineDeadError))
 
 
+def _sse(event: dict) -> str:
+    """One server-sent event, named by its type as OpenAI names its image events."""
+    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
+
+
 def png_b64(image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -281,6 +292,10 @@ class ImagesService:
         except ItemError as exc:
             return error_response(str(exc).removeprefix(f"{WHERE}: "), exc.field)
         request_id = f"img-{uuid.uuid4().hex}"
+        if call.stream:
+            from fastapi.responses import StreamingResponse
+
+            return StreamingResponse(self._events(call, request_id), media_type="text/event-stream")
         # What escapes an image (vLLM's 4xx errors, a dead engine) goes to vLLM's exception handlers.
         data = await all_or_none(self._image(i, spec, f"{request_id}-{i}") for i, spec in enumerate(call.specs))
         return JSONResponse(content={"created": int(time.time()), "size": call.size, "output_format": "png",
@@ -310,8 +325,9 @@ class ImagesService:
             entry["error"] = f"image {index}: generation failed: {type(exc).__name__}: {exc}"
         logger.warning("%s %s", pair_id, entry["error"])
         return entry
-    async def _pair(self, spec: ImageSpec, pair_id: str) -> list[list[int]]:
-        """Both halves of one image on one engine; whatever stops this early aborts the halves still running."""
+    async def _pair(self, spec: ImageSpec, pair_id: str, on_tokens=None) -> list[list[int]]:
+        """Both halves of one image on one engine; whatever stops this early aborts the halves still running.
+        `on_tokens(new_tokens)` is called as the conditional half generates, when given."""
         from vllm.sampling_params import RequestOutputKind
 
         prompts = pair_prompts(spec, self.tokens)
@@ -319,11 +335,13 @@ class ImagesService:
         request_ids = (f"{pair_id}-{COND}", f"{pair_id}-{UNCOND}")
         finished: dict[str, list[int]] = {}
         rank = self.ranks.acquire()
-        for half_params in params:
-            half_params.output_kind = RequestOutputKind.FINAL_ONLY  # the route needs the last output only
+        watchers = (on_tokens, None)
+        for half_params, watch in zip(params, watchers):
+            # Only a half someone watches streams its tokens; otherwise the route needs the last output only.
+            half_params.output_kind = RequestOutputKind.FINAL_ONLY if watch is None else RequestOutputKind.DELTA
         try:
-            await all_or_none(self._half(text, half_params, request_id, rank, finished)
-                              for text, half_params, request_id in zip(prompts, params, request_ids))
+            await all_or_none(self._half(text, half_params, request_id, rank, finished, watch)
+                              for text, half_params, request_id, watch in zip(prompts, params, request_ids, watchers))
         finally:
             self.ranks.release(rank)
             running = [request_id for request_id in request_ids if request_id not in finished]
@@ -331,13 +349,95 @@ class ImagesService:
                 await asyncio.shield(self.engine.abort(running))
         return pair_codes(finished[request_ids[0]], finished[request_ids[1]], spec.h, spec.w, self.token_ids)
 
-    async def _half(self, text: str, params, request_id: str, rank: int | None, finished: dict) -> None:
+    async def _half(self, text: str, params, request_id: str, rank: int | None, finished: dict,
+                    on_tokens=None) -> None:
         last = None
+        tokens: list[int] = []  # a watched half's DELTA outputs each carry its new tokens
         async for output in self.engine.generate({"prompt": text}, params, request_id, data_parallel_rank=rank):
             last = output
+            if on_tokens is not None:
+                tokens.extend(output.outputs[0].token_ids)
+                on_tokens(output.outputs[0].token_ids)
         if last is None or not last.finished:
             raise PairError(f"the engine ended request {request_id} without a result")
-        finished[request_id] = list(last.outputs[0].token_ids)
+        finished[request_id] = tokens if on_tokens is not None else list(last.outputs[0].token_ids)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Streaming
+
+    async def _events(self, call, request_id: str):
+        """The server-sent events of a streamed request: every image's events as they happen; an image's error
+        comes after the other images' events, since OpenAI's SDK stops reading at an error."""
+        events: asyncio.Queue = asyncio.Queue()
+        tasks = [asyncio.create_task(self._streamed_image(i, spec, f"{request_id}-{i}", call, events))
+                 for i, spec in enumerate(call.specs)]
+        errors = []
+        try:
+            running = len(tasks)
+            while running:
+                event = await events.get()
+                if event is None:
+                    running -= 1
+                elif event["type"] == "error":
+                    errors.append(event)
+                else:
+                    yield _sse(event)
+            for event in errors:
+                yield _sse(event)
+        finally:  # the client went away, or the stream ended: nothing of this request stays in the engine
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _streamed_image(self, index: int, spec: ImageSpec, pair_id: str, call, events: asyncio.Queue) -> None:
+        from emu3_vllm.offline.previews import RowWatcher, compose
+        from emu3_vllm.offline.vq_decode import DecodeError
+        from emu3_vllm.serving.images_protocol import CompletedEvent, PartialImageEvent, usage
+
+        previews: list[asyncio.Task] = []
+
+        async def send_preview(future, preview_index: int, before: asyncio.Task | None) -> None:
+            try:
+                b64 = await asyncio.wrap_future(future)
+            except DecodeError as exc:  # a preview is only a view: the image reports its own failure
+                logger.warning("%s preview %d: %s", pair_id, preview_index, exc)
+                b64 = None
+            if before is not None:
+                await before  # an image's previews go out in order
+            if b64 is not None:
+                await events.put(PartialImageEvent(b64_json=b64, size=call.size, created_at=int(time.time()),
+                                                   image_index=index, partial_image_index=preview_index).model_dump())
+
+        def on_tokens(new_tokens) -> None:
+            for preview_index, _, grid in watcher.feed(new_tokens):
+                future = self.decoder.submit(grid, lambda image: png_b64(compose(image, spec.height, spec.width)))
+                previews.append(asyncio.create_task(send_preview(future, preview_index,
+                                                                 previews[-1] if previews else None)))
+
+        watcher = RowWatcher(spec.h, spec.w, call.partial_images, self.token_ids) if call.partial_images else None
+        try:
+            cond_len, uncond_len, _ = await asyncio.to_thread(self._prompt_lengths, spec)
+            codes = await self._pair(spec, pair_id, on_tokens if watcher is not None else None)
+            b64 = await asyncio.wrap_future(self.decoder.submit(codes))
+            if previews:
+                await previews[-1]
+            await events.put(CompletedEvent(b64_json=b64, size=call.size, created_at=int(time.time()),
+                                            image_index=index, seed=spec.seed,
+                                            usage=usage(cond_len + uncond_len, spec.num_tokens)).model_dump())
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one image's failure is its own error event
+            message = (f"image {index}: {exc}" if isinstance(exc, DecodeError)
+                       else f"image {index}: generation failed: {exc}" if isinstance(exc, PairError)
+                       else f"image {index}: generation failed: {type(exc).__name__}: {exc}")
+            logger.warning("%s %s", pair_id, message)
+            await events.put({"type": "error", "image_index": index, "seed": spec.seed,
+                              "error": {"message": message, "type": "InternalServerError", "param": None,
+                                        "code": None}})
+        finally:
+            for task in previews:
+                task.cancel()
+            await events.put(None)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -26,11 +26,14 @@ from emu3_vllm.shapes.world import (
 DEMO_CAPTIONS = tuple(caption(c, s) for c, s in (("red", "circle"), ("blue", "square"), ("green", "triangle"),
                                                    ("yellow", "circle"), ("purple", "square"), ("orange", "triangle")))
 CONTACT_SHEET_SCALES = (1.0, 3.0, 5.0)
+PREVIEW_CAPTION = DEMO_CAPTIONS[1]
 SIZE = 64
 
 
-def contact_sheet(rows: list[list[Any]], row_labels: list[str], column_labels: list[str], path: Path) -> Path:
-    """A labelled grid of PIL images (one row per CFG scale, one column per caption), written with matplotlib."""
+def contact_sheet(rows: list[list[Any]], row_labels: list[str], column_labels: list[str], path: Path,
+                  title: str = "emu3_vllm shapes checkpoint: the same captions and seeds at three CFG scales") -> Path:
+    """A labelled grid of PIL images (e.g. one row per CFG scale, one column per caption), written with
+    matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
@@ -49,7 +52,7 @@ def contact_sheet(rows: list[list[Any]], row_labels: list[str], column_labels: l
                 ax.set_title(column_labels[c], fontsize=9)
             if c == 0:
                 ax.set_ylabel(row_labels[r], fontsize=10)
-    fig.suptitle("emu3_vllm shapes checkpoint: the same captions and seeds at three CFG scales", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -128,6 +131,16 @@ def run_demo(out_dir: str | Path = "out", *, engine=None, stdout: TextIO | None 
                     colour, shape = classify(result.image)
                     record.update(image=str(path), read_back=caption(colour, shape) if colour else "(blank)")
                 emit(record)
+        from emu3_vllm.offline.previews import ImagePreview
+
+        # One caption drawn again with previews: the rows drawn so far, as a streamed request shows them.
+        preview_row, preview_labels = [], []
+        for _, item in engine.iter_images([PREVIEW_CAPTION], height=SIZE, width=SIZE, seed=seed, previews=3):
+            preview_row.append(item.image)
+            preview_labels.append(f"rows {item.rows}/{SIZE // 8}" if isinstance(item, ImagePreview) else "final")
+        strip = contact_sheet([preview_row], [PREVIEW_CAPTION], preview_labels, out / "previews.png",
+                              title="emu3_vllm: an image's previews while it is drawn, then the image")
+        emit({"previews": str(strip)})
     finally:
         if owned:
             engine.close()
