@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -33,6 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402
+
+from emu3_vllm.testing.server import ServerProcess  # noqa: E402
 
 PROMPT_SUBJECTS = ["a red emu", "a lighthouse at dawn", "a bowl of ramen", "a snowy forest", "a city at night",
                    "a watercolor fox", "an old sailing ship", "a mountain lake"]
@@ -63,54 +64,6 @@ def server_flags(kwargs: dict) -> list[str]:
         elif value is not False and value is not None:
             flags += [flag, json.dumps(value) if isinstance(value, (dict, list)) else str(value)]
     return flags
-
-
-class ServerProcess:
-    def __init__(self, ckpt: str, kwargs: dict, log_path: Path, timeout: float = 1200):
-        import socket
-
-        import httpx
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = open(log_path, "w")
-        cmd = [sys.executable, "-m", "emu3_vllm.cli", "serve", ckpt, "--host", "127.0.0.1", "--port", str(port),
-               "--served-model-name", MODEL_NAME, *server_flags(kwargs)]
-        print("starting:", " ".join(cmd), flush=True)
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        start = time.monotonic()
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; see {log_path}")
-            try:
-                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() - start > timeout:
-                self.stop()
-                raise RuntimeError(f"server not up after {timeout} s; see {log_path}")
-            time.sleep(2)
-        self.start_seconds = time.monotonic() - start
-
-    def stop(self) -> None:
-        import signal
-
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.log.close()
 
 
 def tree_rss(pid: int | None) -> dict[str, float] | None:
@@ -220,7 +173,10 @@ def run_server(args, ckpt, kwargs, concurrencies, per_level) -> dict:
     if args.url:
         url, pid = args.url.rstrip("/"), args.server_pid
     else:
-        server = ServerProcess(ckpt, kwargs, Path(args.workdir or ".") / "bench_serving_server.log")
+        server = ServerProcess([ckpt, "--served-model-name", MODEL_NAME, *server_flags(kwargs)],
+                               Path(args.workdir or ".") / "bench_serving_server.log", start_timeout=1200)
+        print("starting:", " ".join(server.command), flush=True)
+        server.start()
         url, pid = server.url, server.proc.pid
         out["server_start_s"] = round(server.start_seconds, 1)
         print(f"server up in {server.start_seconds:.0f} s", flush=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import random_image
+from helpers.engines import random_image
 from PIL import Image
 
 pytestmark = pytest.mark.engine

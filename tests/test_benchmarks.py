@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import USER_ENV
+from helpers.env import subprocess_env
+from helpers.serving import SERVED_MODEL
 
 pytestmark = pytest.mark.engine
 
@@ -18,10 +19,9 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 def run_script(name: str, tmp_path: Path, *args: str) -> dict:
     out = tmp_path / f"{name}.json"
-    env = {**USER_ENV, "VLLM_CPU_KVCACHE_SPACE": "1"}
     proc = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), "--size", "tiny", "--workdir", str(tmp_path),
-                           "--repeats", "1", "--out", str(out), *args], env=env, capture_output=True, text=True,
-                          timeout=900)
+                           "--repeats", "1", "--out", str(out), *args], env=subprocess_env(), capture_output=True,
+                          text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return json.loads(out.read_text())
 
@@ -51,8 +51,6 @@ def test_bench_understanding_smoke(tmp_path):
 
 
 def test_bench_serving_smoke(tmp_path, checkpoints, emu3_server):
-    from conftest import SERVED_MODEL
-
     # Against the session's server (the script starts its own when not given --url); offline on the same weights.
     result = run_script("bench_serving", tmp_path, "--checkpoint", checkpoints["a"], "--url", emu3_server.url,
                         "--model-name", SERVED_MODEL, "--server-pid", str(emu3_server.proc.pid), "--concurrency",

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.env import subprocess_env
 
 from emu3_vllm.kernels import cfg_sample_reference, cfg_sample_triton, pair_key, triton_available
 from emu3_vllm.layout import ImageTokenIds, Slot, layout_tokens, num_image_tokens, slot
@@ -129,7 +129,7 @@ def test_triton_kernel_matches_reference_in_triton_interpreter():
     pytest.importorskip("triton")
     if triton_available():
         pytest.skip("the test above runs the kernel on this machine directly")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env = subprocess_env(TRITON_INTERPRET="1")
     here = Path(__file__).resolve()
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here),
                            "-k", "test_triton_kernel_matches_reference_here"], env=env, cwd=here.parent,

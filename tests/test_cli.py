@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from cli_helpers import ENGINE_FLAGS, assert_manifest_names_complete_files, cli, counts, manifest
+from helpers.cli import ENGINE_FLAGS, cli, counts
+from helpers.outputs import assert_manifest_names_complete_files, read_manifest
 
 pytestmark = pytest.mark.engine
 
@@ -74,7 +75,7 @@ def test_input_errors_exit_2_before_any_engine(checkpoints, prompt_files, tmp_pa
 
 
 def test_understand_prints_clean_json_lines_for_every_item_form(checkpoints, tmp_path):
-    from conftest import random_image
+    from helpers.engines import random_image
 
     image = tmp_path / "img.png"
     random_image(40, 40, seed=3).save(image)
@@ -141,6 +142,6 @@ def test_generate_names_image_indices_verifies_files_and_never_mixes_settings(ch
                                        "regenerated": 2}
     assert "regenerating 1 image(s) whose file no longer matches" in replaced.stderr
     assert (out / "00000.png").read_bytes() == original
-    latest = {r["index"]: r for r in manifest(out)}
+    latest = {r["index"]: r for r in read_manifest(out)}
     assert latest[2]["prompt"] == "c, but different"
     assert_manifest_names_complete_files(out)

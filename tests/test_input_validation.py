@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from cli_helpers import manifest
+from helpers.outputs import read_manifest
 from PIL import Image
 
 
@@ -146,7 +146,8 @@ def _fuzz_lines() -> list[tuple[str, str | None]]:
 
 @pytest.mark.engine
 def test_fuzzed_prompts_file_each_good_line_draws_each_bad_line_fails_alone(engine_factory, tmp_path):
-    from emu3_vllm.jobs.image_folder import FolderJob
+    from emu3_vllm.jobs.image_folder import ImageFolderSink
+    from emu3_vllm.jobs.job import GenerationJob
     from emu3_vllm.jobs.prompt_source import read_prompt_file
     from emu3_vllm.offline.items import GenerationDefaults
 
@@ -156,10 +157,10 @@ def test_fuzzed_prompts_file_each_good_line_draws_each_bad_line_fails_alone(engi
     path.write_text("\n".join(line for line, _ in cases) + "\n")
     prompts = read_prompt_file(path)
     assert len(prompts) == len(cases) >= 50
-    job = FolderJob(tmp_path / "out", engine.model, prompts, GenerationDefaults(height=16, width=16).checked(),
-                    seed=100)
+    job = GenerationJob(prompts, ImageFolderSink(tmp_path / "out", engine.model),
+                        GenerationDefaults(height=16, width=16).checked(), seed=100)
     stats = job.run(engine, progress=False)
-    records = {r["index"]: r for r in manifest(tmp_path / "out")}
+    records = {r["index"]: r for r in read_manifest(tmp_path / "out")}
     assert sorted(records) == list(range(len(cases)))
     for index, (line, field) in enumerate(cases):
         record = records[index]

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import USER_ENV, random_image
+from helpers.engines import random_image
+from helpers.env import subprocess_env
 
 from emu3_vllm import shapes
 from emu3_vllm.shapes.trained import shapes_checkpoint
@@ -128,8 +129,8 @@ def run_lmms_eval(model: str, model_args: str, task: str, tasks_dir, out: Path, 
                   launcher: tuple[str, ...] = (), env: dict | None = None):
     """`python -m lmms_eval` offline on the local tasks: (process, results JSON or None, the first task's logged
     samples). `task` may name several, comma-separated (`logged_samples` reads the others')."""
-    env = {**USER_ENV, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
-           "HF_DATASETS_CACHE": str(out / "hf_cache"), "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}
+    env = subprocess_env(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled",
+                         HF_DATASETS_CACHE=str(out / "hf_cache"), **(env or {}))
     cmd = [sys.executable, *launcher, "-m", "lmms_eval", "--model", model, "--model_args", model_args, "--tasks", task,
            "--include_path", str(tasks_dir["root"]), "--batch_size", "4", "--output_path", str(out / "results"),
            "--log_samples", *extra]

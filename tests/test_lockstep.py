@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import ENGINE_KWARGS
+from helpers.engines import ENGINE_KWARGS
 
 pytestmark = pytest.mark.engine
 

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_helpers import ENGINE_FLAGS, assert_manifest_names_complete_files, cli_env, last_json_line, manifest
+from helpers.cli import ENGINE_FLAGS, cli, last_json_line
+from helpers.env import subprocess_env
+from helpers.outputs import assert_manifest_names_complete_files, read_manifest, read_shards
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -48,7 +50,7 @@ class Drawer:
 
         from emu3_vllm.offline.results import GeneratedImage
 
-        for spec, index in zip(specs, indices):  # a spec first: `shards._Feed` names its index as it hands it out
+        for spec, index in zip(specs, indices):  # a spec first: the job's feed names its index as it hands it out
             rng = np.random.default_rng(spec.seed % 2**64)
             result = GeneratedImage.of(spec)
             result.image = Image.fromarray(rng.integers(0, 256, (spec.height, spec.width, 3), dtype=np.uint8))
@@ -57,12 +59,12 @@ class Drawer:
 
 
 def _job(fmt: str, out: Path, prompts: list, shard_size: int = 2, **defaults):
-    from emu3_vllm.jobs.image_folder import FolderJob
-    from emu3_vllm.jobs.webdataset import ShardJob
+    from emu3_vllm.jobs.image_folder import ImageFolderSink
+    from emu3_vllm.jobs.job import GenerationJob
+    from emu3_vllm.jobs.webdataset import WebdatasetSink
 
-    if fmt == "folder":
-        return FolderJob(out, MODEL, prompts, _defaults(**defaults), SEED)
-    return ShardJob(out, MODEL, prompts, _defaults(**defaults), SEED, shard_size=shard_size)
+    sink = ImageFolderSink(out, MODEL) if fmt == "folder" else WebdatasetSink(out, MODEL, shard_size=shard_size)
+    return GenerationJob(prompts, sink, _defaults(**defaults), SEED)
 
 
 def _child_main(fmt: str, out: str, prompts: str) -> None:
@@ -88,27 +90,19 @@ def _run_limited(fmt: str, out: Path, prompts: list, limit: int) -> dict:
     code = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_output_writers as writers; "
             "writers._child_main(*sys.argv[1:])")
     proc = subprocess.run([sys.executable, "-c", code, fmt, str(out), json.dumps(prompts)], check=False,
-                          capture_output=True, text=True, env=cli_env(), preexec_fn=_file_size_limit(limit),
+                          capture_output=True, text=True, env=subprocess_env(), preexec_fn=_file_size_limit(limit),
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)
 
 
 def _cli(*args, limit: int | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "emu3_vllm.cli", *map(str, args)], check=False, capture_output=True,
-                          text=True, env=cli_env(), timeout=timeout,
-                          preexec_fn=_file_size_limit(limit) if limit else None)
+    return cli(*args, timeout=timeout, preexec_fn=_file_size_limit(limit) if limit else None)
 
 
 def _leftovers(out: Path) -> list[str]:
     """Temporary files a writer left: `.00002.png.tmp<pid>`, `.00000.tar.<token>.tmp`, ..."""
     return sorted(path.name for path in out.iterdir() if path.name.startswith(".") and ".tmp" in path.name)
-
-
-def _every_line_is_json(out: Path) -> list[dict]:
-    data = (out / "manifest.jsonl").read_bytes()
-    assert data.endswith(b"\n"), data[-200:]
-    return [json.loads(line) for line in data.decode("utf-8").splitlines()]
 
 
 def _null_prompts_parquet(path: Path, rows: int) -> Path:
@@ -132,7 +126,7 @@ def test_a_manifest_cut_mid_line_is_whole_again_after_the_next_run(tmp_path, cut
     job = _job("folder", out, [*prompts, "a green emu"])
     stats = job.run(Drawer(), progress=False)
 
-    records = _every_line_is_json(out)  # no two records glued into one line
+    records = read_manifest(out, whole=True)  # no two records glued into one line
     whole = cut == 1  # the record only lost its newline: it is kept, and its image skipped
     assert (stats["skipped"], stats["written"]) == ((3, 1) if whole else (2, 2))
     assert [r["index"] for r in records] == [0, 1, 2, 3]
@@ -154,19 +148,17 @@ def test_a_failed_folder_write_stops_the_run_leaving_no_partial_file_and_a_resum
     assert _leftovers(out) == []
     assert (said["raised"], said["error"]) == ("WriteError", f"cannot write {out / fails}: File too large"), said
     assert (said["errno"], said["filename"], said["stats"]["written"]) == (errno.EFBIG, str(out / fails), 2)
-    assert [r["index"] for r in _every_line_is_json(out)] == [0, 1]  # a failed append is cut back whole
+    assert [r["index"] for r in read_manifest(out, whole=True)] == [0, 1]  # a failed append is cut back whole
     before = {i: (out / f"{i:05d}.png").read_bytes() for i in (0, 1)}
 
     stats = _job("folder", out, prompts).run(Drawer(), progress=False)
     assert (stats["skipped"], stats["written"], stats["failed"]) == (2, 2, 0)
     assert sorted(r["index"] for r in assert_manifest_names_complete_files(out)) == [0, 1, 2, 3]
-    assert len(_every_line_is_json(out)) == 4
+    assert len(read_manifest(out, whole=True)) == 4
     assert all((out / f"{i:05d}.png").read_bytes() == png for i, png in before.items())
 
 
 def test_a_failed_shard_write_removes_the_shards_temporary_files_and_a_resume_completes(tmp_path):
-    from shard_helpers import read_shards
-
     out = tmp_path / "shards"
     # Each tar is padded to 10 KiB: shard 0 (two small images) fits a 12000-byte limit, shard 1 (one 48x48) does not.
     prompts = ["a", "b", {"prompt": "c", **BIG}, "d"]
@@ -213,10 +205,8 @@ def test_a_failed_write_ends_generate_with_its_summary_and_one_error_line(checkp
     assert again.returncode == 1, again.stderr[-3000:]  # every item has a null prompt: each one fails, on record
     assert last_json_line(again.stdout)["failed"] == 4 - last_json_line(again.stdout)["skipped"]
     if fmt == "folder":
-        assert [r["index"] for r in _every_line_is_json(out)][-4:] == [0, 1, 2, 3]
+        assert [r["index"] for r in read_manifest(out, whole=True)][-4:] == [0, 1, 2, 3]
     else:
-        from shard_helpers import read_shards
-
         assert sorted(read_shards(out)) == [0, 1, 2, 3]
 
 
@@ -225,10 +215,7 @@ def test_a_failed_write_ends_generate_with_its_summary_and_one_error_line(checkp
 
 
 def test_shards_hold_the_extreme_seeds_and_top_k_the_settings_allow(tmp_path):
-    from shard_helpers import read_shards
-
-    from emu3_vllm.jobs.ray_replicas import ROW_COLUMNS
-    from emu3_vllm.jobs.webdataset import ShardItem
+    from emu3_vllm.jobs.webdataset import ROW_COLUMNS, item_of_row, item_row
 
     out = tmp_path / "shards"
     prompts = [{"prompt": "the largest seed", "seed": INT64_MAX}, {"prompt": "the smallest seed", "seed": INT64_MIN},
@@ -244,10 +231,9 @@ def test_shards_hold_the_extreme_seeds_and_top_k_the_settings_allow(tmp_path):
     # A re-run recognises its own shard; and the rows a Ray replica receives hold the same values.
     assert _job("webdataset", out, prompts, shard_size=3, top_k=INT32_MAX).plan.skipped == [0]
     schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in ROW_COLUMNS])
-    shard_items = job.items(0)
-    rows = pa.Table.from_pylist([{**item.to_row(0), "shard_items": 3} for item in shard_items],
-                                schema=schema).to_pylist()
-    assert [ShardItem.from_row(row) for row in rows] == shard_items
+    shard_items = list(job.items())
+    rows = pa.Table.from_pylist([item_row(item, 0, 3) for item in shard_items], schema=schema).to_pylist()
+    assert [item_of_row(row) for row in rows] == shard_items
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -295,8 +281,6 @@ def test_a_folder_holds_one_output_format_and_options_it_would_ignore_are_refuse
 
 
 def test_a_null_prompt_row_is_recorded_as_null_in_both_formats(tmp_path):
-    from shard_helpers import read_shards
-
     from emu3_vllm.jobs.prompt_source import read_prompt_file
 
     path = tmp_path / "prompts.parquet"
@@ -307,7 +291,7 @@ def test_a_null_prompt_row_is_recorded_as_null_in_both_formats(tmp_path):
     bad = range(1, len(prompts))
 
     _job("folder", tmp_path / "folder", prompts).run(Drawer(), progress=False)
-    records = {r["index"]: r for r in _every_line_is_json(tmp_path / "folder")}
+    records = {r["index"]: r for r in read_manifest(tmp_path / "folder", whole=True)}
     assert records[0]["prompt"] == "fine" and "error" not in records[0]
     assert [records[i]["prompt"] for i in bad] == [None, None, 123, None, "broken \udcff surrogate"]
     assert all("prompt" in records[i]["error"] for i in bad)
@@ -350,7 +334,7 @@ def test_generate_on_a_full_disk_stops_cleanly_and_the_rerun_finishes(checkpoint
 
     # One image at a time, in order: images 0 and 1 (~700 bytes each) fit a 3000-byte limit, image 2's PNG does not.
     full = subprocess.run([sys.executable, "-c", _FILLS_UP_AFTER_THE_ENGINE_STARTS, "3000", *map(str, args)],
-                          check=False, capture_output=True, text=True, env=cli_env(), timeout=600)
+                          check=False, capture_output=True, text=True, env=subprocess_env(), timeout=600)
     assert full.returncode == 1, full.stderr[-3000:]
     assert "Traceback" not in full.stderr, full.stderr[-3000:]
     summary = last_json_line(full.stdout)
@@ -366,8 +350,8 @@ def test_generate_on_a_full_disk_stops_cleanly_and_the_rerun_finishes(checkpoint
     assert again.returncode == 0, again.stderr[-3000:]
     summary = last_json_line(again.stdout)
     assert (summary["skipped"], summary["written"], summary["failed"]) == (1, 3, 0), summary
-    assert len(_every_line_is_json(out)) == 4
+    assert len(read_manifest(out, whole=True)) == 4
     after = {r["index"]: r for r in assert_manifest_names_complete_files(out)}
     assert sorted(after) == [0, 1, 2, 3]
     assert [after[i]["sha256"] for i in (0, 1)] == [before[i]["sha256"] for i in (0, 1)]  # seeds make them again
-    assert manifest(out) == _every_line_is_json(out)
+    assert read_manifest(out) == read_manifest(out, whole=True)

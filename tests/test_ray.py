@@ -10,9 +10,9 @@ import signal
 import time
 
 import pytest
-from cli_helpers import ENGINE_FLAGS, cli_process
-from conftest import ENGINE_KWARGS
-from shard_helpers import assert_same_image, read_shards
+from helpers.cli import ENGINE_FLAGS, cli_process
+from helpers.engines import ENGINE_KWARGS
+from helpers.outputs import assert_same_image, read_shards
 
 ray = pytest.importorskip("ray")
 

@@ -18,7 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-from conftest import SERVED_MODEL, SERVER_FLAGS, Server, random_image
+from helpers.engines import random_image
+from helpers.outputs import image_pixels
+from helpers.serving import SERVED_MODEL, SERVER_FLAGS, start_server
+
+from emu3_vllm.testing.server import ServerProcess
 
 pytestmark = pytest.mark.engine
 
@@ -29,12 +33,10 @@ def data_uri(image) -> str:
 
 
 def pixels(b64: str) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+    return image_pixels(base64.b64decode(b64))
 
 
-def wait_idle(server: Server, timeout: float) -> float:
+def wait_idle(server: ServerProcess, timeout: float) -> float:
     """Seconds until no request is running or waiting; fails after `timeout`."""
     start = time.monotonic()
     while time.monotonic() - start < timeout:
@@ -379,8 +381,8 @@ def _finished_requests_per_engine(server) -> dict[str, float]:
 
 def test_pairs_stay_whole_across_two_data_parallel_engines(checkpoints, engine_factory, tmp_path):
     # One API server (vLLM would start one per engine, and each would count only what it sent).
-    server = Server([checkpoints["a"], "--served-model-name", SERVED_MODEL, *SERVER_FLAGS,
-                     "--data-parallel-size", "2", "--api-server-count", "1"], tmp_path / "server_dp2.log")
+    server = start_server([checkpoints["a"], "--served-model-name", SERVED_MODEL, *SERVER_FLAGS,
+                           "--data-parallel-size", "2", "--api-server-count", "1"], tmp_path / "server_dp2.log")
     try:
         def ask(i):
             return server.client(timeout=600).images.generate(

@@ -13,7 +13,7 @@ import json
 import time
 
 import pytest
-from conftest import SERVED_MODEL, Server
+from helpers.serving import SERVED_MODEL, start_server
 
 pytestmark = pytest.mark.engine
 
@@ -27,10 +27,9 @@ RUNS = [("/v1/images/generations", ("positive", "negative"), 400),
 
 @pytest.fixture(scope="module")
 def fuzz_server(checkpoints, tmp_path_factory):
-    server = Server([checkpoints["a"], "--served-model-name", SERVED_MODEL, *FUZZ_FLAGS],
-                    tmp_path_factory.mktemp("fuzz") / "server.log")
-    yield server
-    server.stop()
+    with start_server([checkpoints["a"], "--served-model-name", SERVED_MODEL, *FUZZ_FLAGS],
+                      tmp_path_factory.mktemp("fuzz") / "server.log") as server:
+        yield server
 
 
 def fuzz(schema, path: str, modes: tuple[str, ...], examples: int) -> dict:

@@ -9,19 +9,15 @@ import json
 import pytest
 
 from emu3_vllm.offline.items import ItemError
-from emu3_vllm.serving.images_route import (
+from emu3_vllm.serving.images_protocol import (
     ImagesCall,
-    ImagesPlugin,
     ImagesRequest,
     ImagesResponse,
-    RankChooser,
-    auto_side,
-    checkpoint_image_area,
-    choose_rank,
     parse_images_request,
     parse_size,
     read_images_request,
 )
+from emu3_vllm.serving.images_route import ImagesPlugin, RankChooser, auto_side, checkpoint_image_area, choose_rank
 
 # --------------------------------------------------------------------------------------------------------------
 # The launcher
@@ -83,7 +79,7 @@ def test_a_checkpoint_without_a_chat_template_is_served_with_emu3_chat_hfs(tmp_p
 
 @pytest.mark.engine  # runs the CLI
 def test_serve_refuses_a_missing_model_before_starting_anything(tmp_path):
-    from cli_helpers import cli
+    from helpers.cli import cli
 
     done = cli("serve", tmp_path / "nowhere", "--port", "1", timeout=300)
     assert done.returncode == 2 and "no such checkpoint folder" in done.stderr, done.stderr[-2000:]
@@ -163,10 +159,12 @@ def test_a_request_becomes_one_spec_per_image_seeded_seed_plus_i():
     ({"prompt": "x", "temperature": -0.5}, "temperature"), ({"prompt": "x", "temperature": 1e9}, "temperature"),
     ({"prompt": "x", "negative_prompt": ["a"]}, "negative_prompt"),
     ({"prompt": "x", "negative_prompt": "n" * 200_000}, "negative_prompt"),
-    ({"prompt": "x", "stream": True}, "stream"), ({"prompt": "x", "stream": "yes"}, "stream"),
+    ({"prompt": "x", "stream": "yes"}, "stream"), ({"prompt": "x", "stream": 1}, "stream"),
     ({"prompt": "x", "partial_images": 2}, "partial_images"), ({"prompt": "x", "stream": False, "partial_images": 1},
                                                                "partial_images"),
-    ({"prompt": "x", "stream": True, "partial_images": 2}, "stream"),
+    ({"prompt": "x", "stream": True, "partial_images": 4}, "partial_images"),
+    ({"prompt": "x", "stream": True, "partial_images": -1}, "partial_images"),
+    ({"prompt": "x", "stream": True, "partial_images": "2"}, "partial_images"),
     ({"prompt": "x", "model": 3}, "model"), ({"prompt": "x", "user": {}}, "user"),
 ])
 def test_each_bad_field_is_named_in_one_short_line(body, field):
@@ -297,7 +295,8 @@ def test_decoding_batches_what_waits_and_a_failed_batch_fails_only_its_images():
 
     from PIL import Image
 
-    from emu3_vllm.serving.async_decode import AsyncDecoder, DecodeError
+    from emu3_vllm.offline.vq_decode import DecodeBatcher, DecodeError
+    from emu3_vllm.serving.images_route import png_b64
 
     gate = threading.Event()
     calls = []
@@ -310,17 +309,21 @@ def test_decoding_batches_what_waits_and_a_failed_batch_fails_only_its_images():
         return [Image.new("RGB", (len(g[0]) * 8, len(g) * 8), (g[0][0], 0, 0)) for g in grids]
 
     async def run():
-        decoder = AsyncDecoder(decode, max_batch=4)
-        first = asyncio.ensure_future(decoder.encode([[1]]))
+        decoder = DecodeBatcher(decode, max_batch=4, postprocess=png_b64)
+
+        def encode(grid):
+            return asyncio.wrap_future(decoder.submit(grid))
+
+        first = encode([[1]])
         await asyncio.sleep(0.05)  # the first grid is decoding on the worker thread
-        rest = [asyncio.ensure_future(decoder.encode([[i, i]])) for i in range(2, 8)]
+        rest = [encode([[i, i]]) for i in range(2, 8)]
         await asyncio.sleep(0.05)
         gate.set()
         results = await asyncio.gather(first, *rest)
         gate.clear()
-        bad = asyncio.ensure_future(decoder.encode([[-1]]))
+        bad = encode([[-1]])
         await asyncio.sleep(0.05)
-        good = asyncio.ensure_future(decoder.encode([[9]]))
+        good = encode([[9]])
         gate.set()
         outcome = await asyncio.gather(bad, good, return_exceptions=True)
         decoder.close()
@@ -330,3 +333,36 @@ def test_decoding_batches_what_waits_and_a_failed_batch_fails_only_its_images():
     assert calls[:3] == [1, 4, 2] and batches == [1, 4, 2, 1]  # the six that waited went as 4 + 2
     assert all(isinstance(r, str) and r for r in results + [good])
     assert isinstance(bad, DecodeError) and "bad codes" in str(bad)
+
+
+def test_decoding_skips_cancelled_grids_and_close_cancels_what_waits():
+    import threading
+    import time
+
+    from emu3_vllm.offline.vq_decode import DecodeBatcher
+
+    gate = threading.Event()
+    calls = []
+
+    def decode(grids):
+        calls.append([g[0][0] for g in grids])
+        gate.wait(5)
+        return [g[0][0] for g in grids]
+
+    decoder = DecodeBatcher(decode, max_batch=8)
+    first = decoder.submit([[1]])
+    while not calls:  # the first grid is decoding
+        time.sleep(0.01)
+    cancelled, kept = decoder.submit([[2]]), decoder.submit([[3]])
+    assert cancelled.cancel()
+    gate.set()
+    assert first.result(5) == 1 and kept.result(5) == 3 and calls == [[1], [3]]
+    gate.clear()
+    busy = decoder.submit([[4]])
+    while len(calls) < 3:
+        time.sleep(0.01)
+    waiting = decoder.submit([[5]])
+    threading.Timer(0.1, gate.set).start()
+    assert decoder.close() > 0  # the batch in hand finishes; the one waiting is never decoded
+    assert busy.result() == 4 and waiting.cancelled() and calls == [[1], [3], [4]]
+    assert decoder.batches == [1, 1, 1]

@@ -8,8 +8,8 @@ import re
 import subprocess
 
 import pytest
-from cli_helpers import ENGINE_FLAGS, cli, cli_process, last_json_line
-from shard_helpers import assert_same_image, read_shards
+from helpers.cli import ENGINE_FLAGS, cli, cli_process, last_json_line
+from helpers.outputs import assert_same_image, read_shards
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -40,6 +40,7 @@ def test_parquet_prompts_read_nulls_as_the_run_settings_and_bad_files_as_usage_e
     assert items[0] == {"prompt": "an emu on a hill, take 0"}
     assert items[2] == {"prompt": "an emu on a hill, take 2", "seed": 1234}
     defaults = GenerationDefaults(height=32, width=32).checked()
+
     spec = image_spec(items[4], where="item 4", defaults=defaults, seed=SEED + 4)
     assert (spec.height, spec.width, spec.seed) == (48, 24, SEED + 4)
     with pytest.raises(ItemError, match="item 9: cfg_scale must be a finite number > 0"):
@@ -64,9 +65,10 @@ def test_parquet_prompts_read_nulls_as_the_run_settings_and_bad_files_as_usage_e
 @pytest.mark.engine
 def test_two_shard_processes_cover_one_job_and_resume_shard_by_shard(checkpoints, engine_factory, prompts_parquet,
                                                                      tmp_path):
-    from emu3_vllm.jobs.image_folder import ChangedSettingsError, OutputError
+    from emu3_vllm.jobs.files import ChangedSettingsError, OutputError
+    from emu3_vllm.jobs.job import GenerationJob
     from emu3_vllm.jobs.prompt_source import read_prompt_file
-    from emu3_vllm.jobs.webdataset import ShardJob
+    from emu3_vllm.jobs.webdataset import WebdatasetSink
     from emu3_vllm.offline.items import GenerationDefaults
 
     out = tmp_path / "shards"
@@ -103,7 +105,11 @@ def test_two_shard_processes_cover_one_job_and_resume_shard_by_shard(checkpoints
     (out / ".00002.tar.0123456789ab.tmp").write_bytes(b"partial")
     before = {i: item["row"] for i, item in items.items()}
     defaults = GenerationDefaults(height=32, width=32).checked()
-    job = ShardJob(out, checkpoints["a"], prompts, defaults, SEED, shard_size=SHARD_SIZE)
+
+    def shard_job(seed: int = SEED, shard_size: int = SHARD_SIZE) -> GenerationJob:
+        return GenerationJob(prompts, WebdatasetSink(out, checkpoints["a"], shard_size=shard_size), defaults, seed)
+
+    job = shard_job()
     assert (job.plan.skipped, job.todo) == ([0, 1, 3], [2])
     stats = job.run(engine, progress=False)
     assert (stats["skipped"], stats["written"], stats["written_shards"]) == (8, 3, 1)
@@ -113,12 +119,12 @@ def test_two_shard_processes_cover_one_job_and_resume_shard_by_shard(checkpoints
     # A finished shard whose tar changed is redone; other settings and another cut are refused before any engine.
     with open(out / "00001.tar", "ab") as fh:
         fh.write(b"\0")
-    job = ShardJob(out, checkpoints["a"], prompts, defaults, SEED, shard_size=SHARD_SIZE)
+    job = shard_job()
     assert (job.plan.corrupt, job.todo) == ([1], [1])
     with pytest.raises(ChangedSettingsError, match=r"4 shard\(s\) with images made with other seed: 00000, 00001"):
-        ShardJob(out, checkpoints["a"], prompts, defaults, SEED + 1, shard_size=SHARD_SIZE)
+        shard_job(SEED + 1)
     with pytest.raises(OutputError, match="holds shards of 3 images"):
-        ShardJob(out, checkpoints["a"], prompts, defaults, SEED, shard_size=4)
+        shard_job(shard_size=4)
     refused = cli(*args, "--shard-index", 0, "--seed", SEED + 1)  # the CLI says the same, exit 2
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert "2 shard(s) with images made with other seed: 00000, 00002" in refused.stderr

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import ENGINE_KWARGS, random_image
+from helpers.engines import ENGINE_KWARGS, random_image
 
 
 def test_cpu_binding_gives_each_rank_its_own_cores_unless_the_user_chose(monkeypatch):

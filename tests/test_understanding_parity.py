@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_image
+from helpers.engines import random_image
 
 from emu3_vllm.testing.hf_reference import hf_understand
 

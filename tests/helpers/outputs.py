@@ -1,4 +1,5 @@
-"""Reading a folder of webdataset shards back as a user would, checking every guarantee of the layout on the way."""
+"""Reading what `generate` wrote back as a user would: a folder of PNGs with its manifest, or webdataset shards,
+checking every guarantee of the layout on the way; and comparing the images with an engine's."""
 
 from __future__ import annotations
 
@@ -7,6 +8,47 @@ import io
 import json
 import tarfile
 from pathlib import Path
+
+
+def read_manifest(out: str | Path, *, whole: bool = False) -> list[dict]:
+    """A folder's manifest records in file order (a later line for an index replaces an earlier one).
+
+    A line cut short by a kill is skipped, as a resume skips it, and a folder without a manifest has no records.
+    With `whole` the manifest must exist and be nothing but complete JSON lines, each ending in a newline.
+    """
+    path = Path(out) / "manifest.jsonl"
+    if whole:
+        data = path.read_bytes()
+        assert data.endswith(b"\n"), data[-200:]
+        return [json.loads(line) for line in data.decode("utf-8").splitlines()]
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")  # a cut may split a character
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in text.splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return records
+
+
+def assert_manifest_names_complete_files(out: Path) -> list[dict]:
+    """Each index's latest line that names a PNG points to a file of the recorded size and hash that decodes whole.
+    Returns the latest line of every index."""
+    from PIL import Image
+
+    records = list({r["index"]: r for r in read_manifest(out)}.values())
+    for record in records:
+        if "file" not in record:
+            continue
+        data = (out / record["file"]).read_bytes()
+        assert len(data) == record["bytes"], record
+        assert hashlib.sha256(data).hexdigest() == record["sha256"], record
+        with Image.open(out / record["file"]) as image:
+            image.load()
+    return records
 
 
 def read_shards(out: Path) -> dict[int, dict]:
@@ -55,11 +97,12 @@ def read_shards(out: Path) -> dict[int, dict]:
     return items
 
 
-def pixels(png: bytes):
+def image_pixels(encoded: bytes):
+    """An encoded image file's RGB pixels as a numpy array."""
     import numpy as np
     from PIL import Image
 
-    with Image.open(io.BytesIO(png)) as image:
+    with Image.open(io.BytesIO(encoded)) as image:
         return np.asarray(image.convert("RGB"))
 
 
@@ -70,4 +113,4 @@ def assert_same_image(png: bytes, codes: list, expected, where) -> None:
 
     assert expected.error is None, expected.error
     assert codes == expected.codes, where
-    assert np.array_equal(pixels(png), np.asarray(expected.image.convert("RGB"))), where
+    assert np.array_equal(image_pixels(png), np.asarray(expected.image.convert("RGB"))), where
