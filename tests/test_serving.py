@@ -20,9 +20,7 @@ import numpy as np
 import pytest
 from helpers.engines import random_image
 from helpers.outputs import image_pixels
-from helpers.serving import SERVED_MODEL, SERVER_FLAGS, start_server
-
-from emu3_vllm.testing.server import ServerProcess
+from helpers.serving import SERVED_MODEL, SERVER_FLAGS, start_server, wait_idle
 
 pytestmark = pytest.mark.engine
 
@@ -34,16 +32,6 @@ def data_uri(image) -> str:
 
 def pixels(b64: str) -> np.ndarray:
     return image_pixels(base64.b64decode(b64))
-
-
-def wait_idle(server: ServerProcess, timeout: float) -> float:
-    """Seconds until no request is running or waiting; fails after `timeout`."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if sum(server.gauges().values()) == 0:
-            return time.monotonic() - start
-        time.sleep(0.1)
-    raise AssertionError(f"still busy after {timeout} s: {server.gauges()}")
 
 
 # --------------------------------------------------------------------------------------------------------------

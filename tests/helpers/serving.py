@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from emu3_vllm.testing.server import ServerProcess
 from helpers.env import subprocess_env
 
@@ -16,3 +18,13 @@ def start_server(args: list, log_path, **env: str) -> ServerProcess:
     """A running `emu3-vllm serve` with `args`, up within 15 minutes (a busy CI machine starts an engine slowly);
     `env` adds to the user's environment. Stop it with `.stop()` or a `with` block."""
     return ServerProcess(args, log_path, env=subprocess_env(**env), start_timeout=900).start()
+
+
+def wait_idle(server: ServerProcess, timeout: float) -> float:
+    """Seconds until no request is running or waiting; fails after `timeout`."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if sum(server.gauges().values()) == 0:
+            return time.monotonic() - start
+        time.sleep(0.1)
+    raise AssertionError(f"still busy after {timeout} s: {server.gauges()}")
