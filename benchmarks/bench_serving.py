@@ -9,6 +9,9 @@
              errors. Then clients at the top concurrency go on until `--total-requests` have been served, while the
              resident memory (RSS) of the server's processes (API server, engine core, worker) is sampled: its
              growth from after the warm-up (one burst at the top concurrency) to the end is the leak check.
+             Streaming: at `--stream-concurrency` (default 16) the same number of requests once without and once
+             with `stream: true, partial_images: --partial-images` (default 3), back to back: images/s of both
+             and the time to each request's first preview.
 (b) offline  `Emu3.generate_images` on the same prompts, size, scale and seeds, with `max_in_flight=c`, and the
              same soak: the same engine settings without HTTP, the ceiling for (a). Images are VQ-decoded in both.
              RSS is accounted the same way (this process, the engine core, the worker), by process, so growth that
@@ -107,14 +110,33 @@ class Clients:
         self.url, self.model, self.size, self.extra = url, model, size, extra
         self.served = 0  # read by the RSS sampler's thread
 
-    def run(self, jobs: list[tuple[str, int]], concurrency: int) -> dict:
-        return asyncio.run(self._run(jobs, concurrency))
+    def run(self, jobs: list[tuple[str, int]], concurrency: int, partial_images: int | None = None) -> dict:
+        """One level of load; with `partial_images`, every request streams (`stream: true`) that many previews."""
+        return asyncio.run(self._run(jobs, concurrency, partial_images))
 
-    async def _run(self, jobs: list[tuple[str, int]], concurrency: int) -> dict:
+    async def _image(self, client, prompt: str, seed: int, partial_images: int | None, first_preview: list) -> None:
+        if partial_images is None:
+            reply = await client.images.generate(model=self.model, prompt=prompt, size=self.size, n=1,
+                                                 response_format="b64_json", extra_body={"seed": seed, **self.extra})
+            item = reply.data[0]
+            if not item.b64_json:
+                raise RuntimeError(getattr(item, "error", None) or "no image in the reply")
+            return
+        start, completed = time.perf_counter(), False
+        stream = await client.images.generate(model=self.model, prompt=prompt, size=self.size, n=1, stream=True,
+                                              partial_images=partial_images, extra_body={"seed": seed, **self.extra})
+        async for event in stream:
+            if event.type == "image_generation.partial_image" and event.partial_image_index == 0:
+                first_preview.append(time.perf_counter() - start)
+            completed = completed or event.type == "image_generation.completed"
+        if not completed:
+            raise RuntimeError("the stream ended without its image")
+
+    async def _run(self, jobs: list[tuple[str, int]], concurrency: int, partial_images: int | None) -> dict:
         from openai import AsyncOpenAI
 
         queue = list(reversed(jobs))
-        latencies, errors = [], []
+        latencies, errors, first_preview = [], [], []
 
         async def user():
             async with AsyncOpenAI(base_url=self.url + "/v1", api_key="EMPTY", max_retries=0, timeout=3600) as client:
@@ -122,12 +144,7 @@ class Clients:
                     prompt, seed = queue.pop()
                     start = time.perf_counter()
                     try:
-                        reply = await client.images.generate(model=self.model, prompt=prompt, size=self.size, n=1,
-                                                             response_format="b64_json",
-                                                             extra_body={"seed": seed, **self.extra})
-                        item = reply.data[0]
-                        if not item.b64_json:
-                            raise RuntimeError(getattr(item, "error", None) or "no image in the reply")
+                        await self._image(client, prompt, seed, partial_images, first_preview)
                     except Exception as exc:  # noqa: BLE001 - counted and reported
                         errors.append(f"{type(exc).__name__}: {exc}"[:300])
                     else:
@@ -137,10 +154,14 @@ class Clients:
         start = time.perf_counter()
         await asyncio.gather(*(user() for _ in range(concurrency)))
         seconds = time.perf_counter() - start
-        return {"concurrency": concurrency, "requests": len(jobs), "seconds": round(seconds, 3),
-                "images_per_s": len(latencies) / seconds, "errors": len(errors), "error_examples": errors[:5],
-                "latency_s": {"p50": percentile(latencies, 50), "p95": percentile(latencies, 95),
-                              "p99": percentile(latencies, 99), "mean": sum(latencies) / max(len(latencies), 1)}}
+        level = {"concurrency": concurrency, "requests": len(jobs), "seconds": round(seconds, 3),
+                 "images_per_s": len(latencies) / seconds, "errors": len(errors), "error_examples": errors[:5],
+                 "latency_s": {"p50": percentile(latencies, 50), "p95": percentile(latencies, 95),
+                               "p99": percentile(latencies, 99), "mean": sum(latencies) / max(len(latencies), 1)}}
+        if partial_images is not None:
+            level["partial_images"] = partial_images
+            level["first_preview_s"] = {"p50": percentile(first_preview, 50), "p95": percentile(first_preview, 95)}
+        return level
 
 
 class RssSampler(threading.Thread):
@@ -197,6 +218,19 @@ def run_server(args, ckpt, kwargs, concurrencies, per_level) -> dict:
             print(f"server  c={c:3d}: {level['requests']:4d} requests {level['seconds']:8.2f} s "
                   f"{level['images_per_s']:7.3f} images/s  p50 {lat['p50']:.2f} p95 {lat['p95']:.2f} "
                   f"p99 {lat['p99']:.2f} s  errors {level['errors']}", flush=True)
+        if args.stream_concurrency:
+            c = args.stream_concurrency
+            n = args.requests_per_level or max(8, 3 * c)
+            plain = clients.run(workload(n, f"plain c{c}"), c)
+            streamed = clients.run(workload(n, f"streamed c{c}"), c, partial_images=args.partial_images)
+            out["streaming"] = {"concurrency": c, "requests": n, "partial_images": args.partial_images,
+                                "plain": plain, "streamed": streamed,
+                                "streamed_over_plain": streamed["images_per_s"] / plain["images_per_s"]}
+            print(f"server  c={c:3d} streamed with partial_images={args.partial_images}: "
+                  f"{streamed['images_per_s']:.3f} images/s against {plain['images_per_s']:.3f} without "
+                  f"({out['streaming']['streamed_over_plain']:.2f}x); first preview p50 "
+                  f"{streamed['first_preview_s']['p50']:.2f} s, p95 {streamed['first_preview_s']['p95']:.2f} s; "
+                  f"errors {plain['errors'] + streamed['errors']}", flush=True)
         soak = args.total_requests - clients.served
         if soak > 0:
             level = clients.run(workload(soak, "soak"), top)
@@ -206,7 +240,8 @@ def run_server(args, ckpt, kwargs, concurrencies, per_level) -> dict:
                   f"errors {level['errors']}", flush=True)
         sampler.stop()
         out["requests_after_warm_up"] = clients.served
-        out["errors"] = sum(level["errors"] for level in out["by_concurrency"]) + out.get("soak", {}).get("errors", 0)
+        out["errors"] = (sum(level["errors"] for level in out["by_concurrency"]) + out.get("soak", {}).get("errors", 0)
+                         + sum(out["streaming"][k]["errors"] for k in ("plain", "streamed") if "streaming" in out))
         if sampler.samples:
             out["rss"] = rss_summary(sampler.samples)
     finally:
@@ -329,6 +364,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--cfg-scale", type=float, default=3.0)
     parser.add_argument("--top-k", type=int, default=2048)
     parser.add_argument("--skip-offline", action="store_true", help="leave out the offline ceiling")
+    parser.add_argument("--stream-concurrency", type=int, default=16,
+                        help="concurrency of the streaming comparison (0: leave it out)")
+    parser.add_argument("--partial-images", type=int, default=3, choices=range(4),
+                        help="previews per streamed image (OpenAI's partial_images)")
     parser.add_argument("--repeats", type=int, default=1, help="accepted for the common smoke-run interface")
     parser.add_argument("--plot", help="PNG (default: beside --out)")
     args = parser.parse_args(argv)
@@ -363,6 +402,10 @@ def main(argv=None) -> dict:
     targets = {f"0 errors over {result['server']['requests_after_warm_up']} requests": result["server"]["errors"] == 0}
     if "rss" in result["server"]:
         targets["server + engine RSS growth < 5 %"] = result["server"]["rss"]["growth_pct"] < 5
+    if "streaming" in result["server"]:
+        streaming = result["server"]["streaming"]
+        targets[f"streamed images/s at concurrency {streaming['concurrency']} with partial_images="
+                f"{streaming['partial_images']} >= 0.9 x without"] = streaming["streamed_over_plain"] >= 0.9
     if "offline" in result:
         offline_top = result["offline"]["by_concurrency"][-1]
         result["server_over_offline"] = {r["concurrency"]: r["images_per_s"] / o["images_per_s"]

@@ -55,14 +55,18 @@ def test_bench_serving_smoke(tmp_path, checkpoints, emu3_server):
     result = run_script("bench_serving", tmp_path, "--checkpoint", checkpoints["a"], "--url", emu3_server.url,
                         "--model-name", SERVED_MODEL, "--server-pid", str(emu3_server.proc.pid), "--concurrency",
                         "1,3", "--requests-per-level", "3", "--total-requests", "8", "--height", "16", "--width",
-                        "16")
+                        "16", "--stream-concurrency", "2", "--partial-images", "2")
     server, offline = result["server"], result["offline"]
     assert [r["concurrency"] for r in server["by_concurrency"]] == [1, 3]
-    assert server["errors"] == 0 and server["requests_after_warm_up"] == 8
+    # 3 + 3 at the two levels, then 3 plain and 3 streamed: past --total-requests, so no soak.
+    assert server["errors"] == 0 and server["requests_after_warm_up"] == 12
     assert all(r["images_per_s"] > 0 and r["latency_s"]["p99"] >= r["latency_s"]["p50"] > 0
                for r in server["by_concurrency"])
-    for rss in (server["rss"], offline["rss"]):
-        assert rss["end_mib"] > 0 and rss["requests"] == 8
+    streaming = server["streaming"]
+    assert (streaming["concurrency"], streaming["partial_images"], streaming["requests"]) == (2, 2, 3)
+    assert streaming["streamed"]["first_preview_s"]["p50"] > 0 and streaming["streamed_over_plain"] > 0
+    for rss, requests in ((server["rss"], 12), (offline["rss"], 8)):
+        assert rss["end_mib"] > 0 and rss["requests"] == requests
         assert set(rss["growth_mib_by_role"]) >= {"front_end", "workers"}
     assert all(r["images_per_s"] > 0 and r["errors"] == 0 for r in offline["by_concurrency"])
     assert set(result["server_over_offline"]) == {"1", "3"}  # JSON keys
