@@ -15,6 +15,14 @@
                   processor, all submitted at once, greedy: the ceiling for (a).
 (e)  transformers `generate` with CFG and Emu3's layout, batch 1 (how Emu3 runs without vLLM); --skip-hf leaves it out.
 
+With `--kv-cache-dtype fp8` the run is a KV-cache comparison instead: the streaming core (a) on an engine whose
+KV cache is the model's dtype ("auto") and on one with an fp8 cache of the same bytes (so with as many more
+blocks as the model dtype is wider than a byte: 2x for bfloat16, 4x for float32), reporting pairs per step (what
+the cache holds at once) and images/s (where compute may bind before the cache does) of each:
+
+    python benchmarks/bench_generation.py --size small --dtype bfloat16 --num-images 96 --height 128 --width 128 \
+        --kv-cache-dtype fp8 --out benchmarks/results/generation_cpu_small_fp8_128.json
+
 All vLLM contenders get the same engine arguments, KV cache (`num_gpu_blocks_override`, sized so about
 --kv-fraction of the images fit at once), dtype and threads. Each vLLM measurement is the fastest of --repeats
 runs with fresh prompts (only the shared negative prompt is meant to hit the prefix cache). Reported per
@@ -150,6 +158,56 @@ def run_emu3(ckpt, args, kwargs):
     return out, prompt_rows, engine
 
 
+def run_kv_comparison(ckpt, args, kwargs, result: dict, threads: int) -> dict:
+    """(a) on a model-dtype KV cache and on an fp8 one of the same bytes, one engine after the other."""
+    import torch
+
+    from emu3_vllm import Emu3
+
+    dtype = kwargs.get("dtype", "auto")
+    width = torch.empty((), dtype=getattr(torch, dtype) if dtype != "auto" else torch.bfloat16).element_size()
+    blocks = kwargs["num_gpu_blocks_override"]
+    per_pair = result["kv_cache"]["blocks_per_pair"]
+    runs = {}
+    for kv_dtype, kv_blocks in (("auto", blocks), (args.kv_cache_dtype, blocks * width)):
+        engine = Emu3(ckpt, **{**kwargs, "kv_cache_dtype": kv_dtype, "num_gpu_blocks_override": kv_blocks})
+        try:
+            engine.generate_images(prompts(4, take=-1), seed=0, use_tqdm=False, decode=False,
+                                   **generation_args(args))  # warm-up
+            best_run = best([stream_once(engine, args, take, False, f"(a) stream, KV {kv_dtype}")
+                             for take in range(1, args.repeats + 1)])
+        finally:
+            engine.close()
+        runs[kv_dtype] = {**best_run, "kv_blocks": kv_blocks, "pairs_that_fit": kv_blocks // per_pair}
+    auto, fp8 = runs["auto"], runs[args.kv_cache_dtype]
+    result["kv_cache_comparison"] = {
+        "model_dtype": dtype, "bytes_per_element": {"auto": width, args.kv_cache_dtype: 1}, "runs": runs,
+        "pairs_per_step_ratio": fp8["mean_pairs_per_step"] / auto["mean_pairs_per_step"],
+        "images_per_s_ratio": fp8["images_per_s"] / auto["images_per_s"]}
+    comparison = result["kv_cache_comparison"]
+    result["targets_met"] = {f"{args.kv_cache_dtype} >= 1.8 x the pairs per step of auto at the same KV bytes":
+                             comparison["pairs_per_step_ratio"] >= 1.8}
+    print()
+    _common.print_table(["KV cache", "blocks", "pairs that fit", "pairs/step", "images/s"],
+                        [[name, run["kv_blocks"], run["pairs_that_fit"], run["mean_pairs_per_step"],
+                          run["images_per_s"]] for name, run in runs.items()])
+    print(f"pairs per step: {comparison['pairs_per_step_ratio']:.2f}x; images/s: "
+          f"{comparison['images_per_s_ratio']:.2f}x")
+    for name, met in result["targets_met"].items():
+        print(f"target {name}: {'met' if met else 'NOT met'}")
+    _common.write_json(args.out, result)
+    plot = args.plot or (str(Path(args.out).with_suffix(".png")) if args.out else None)
+    if plot:
+        h, w = engine_grid(args)
+        where = result["environment"].get("gpu", f"CPU, {threads} threads")
+        _common.plot_bars(plot, f"Emu3 CFG generation, KV cache at equal bytes: {args.num_images} images of "
+                                f"{h * 8}x{w * 8}, {dtype} model ({where})", "images/s",
+                          {f"KV {name}": run["images_per_s"] for name, run in runs.items()},
+                          notes={f"KV {name}": f"{run['mean_pairs_per_step']} pairs/step"
+                                 for name, run in runs.items()})
+    return result
+
+
 def engine_grid(args) -> tuple[int, int]:
     from emu3_vllm.layout import pixels_to_grid
 
@@ -274,6 +332,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--hf-max-tokens", type=int, default=None,
                         help="stop transformers after this many tokens per image and extrapolate")
     parser.add_argument("--skip-cli", action="store_true", help="leave out (b)")
+    parser.add_argument("--kv-cache-dtype", choices=["fp8"], default=None,
+                        help="compare the streaming core on an fp8 KV cache with the model-dtype one, at equal bytes")
     parser.add_argument("--plot", help="PNG bar chart (default: beside --out)")
     args = parser.parse_args(argv)
 
@@ -294,6 +354,8 @@ def main(argv=None) -> dict:
                            "pairs_that_fit": blocks // per_pair},
               "engine_args": kwargs, "environment": _common.environment(threads)}
 
+    if args.kv_cache_dtype:
+        return run_kv_comparison(ckpt, args, kwargs, result, threads)
     emu3, rows, engine = run_emu3(ckpt, args, kwargs)
     result["emu3_vllm"] = emu3
     result["environment"]["VLLM_USE_V2_MODEL_RUNNER"] = emu3["model_runner"]

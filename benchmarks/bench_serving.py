@@ -109,6 +109,7 @@ class Clients:
     def __init__(self, url: str, model: str, size: str, extra: dict):
         self.url, self.model, self.size, self.extra = url, model, size, extra
         self.served = 0  # read by the RSS sampler's thread
+        self.previews = 0  # previews received by streamed requests
 
     def run(self, jobs: list[tuple[str, int]], concurrency: int, partial_images: int | None = None) -> dict:
         """One level of load; with `partial_images`, every request streams (`stream: true`) that many previews."""
@@ -125,12 +126,16 @@ class Clients:
         start, completed = time.perf_counter(), False
         stream = await client.images.generate(model=self.model, prompt=prompt, size=self.size, n=1, stream=True,
                                               partial_images=partial_images, extra_body={"seed": seed, **self.extra})
+        previews = 0
         async for event in stream:
-            if event.type == "image_generation.partial_image" and event.partial_image_index == 0:
-                first_preview.append(time.perf_counter() - start)
+            if event.type == "image_generation.partial_image":
+                previews += 1
+                if previews == 1:
+                    first_preview.append(time.perf_counter() - start)
             completed = completed or event.type == "image_generation.completed"
         if not completed:
             raise RuntimeError("the stream ended without its image")
+        self.previews += previews
 
     async def _run(self, jobs: list[tuple[str, int]], concurrency: int, partial_images: int | None) -> dict:
         from openai import AsyncOpenAI
@@ -160,6 +165,8 @@ class Clients:
                                "p99": percentile(latencies, 99), "mean": sum(latencies) / max(len(latencies), 1)}}
         if partial_images is not None:
             level["partial_images"] = partial_images
+            level["previews_per_image"] = self.previews / max(len(latencies), 1)
+            self.previews = 0
             level["first_preview_s"] = {"p50": percentile(first_preview, 50), "p95": percentile(first_preview, 95)}
         return level
 
@@ -228,7 +235,8 @@ def run_server(args, ckpt, kwargs, concurrencies, per_level) -> dict:
                                 "streamed_over_plain": streamed["images_per_s"] / plain["images_per_s"]}
             print(f"server  c={c:3d} streamed with partial_images={args.partial_images}: "
                   f"{streamed['images_per_s']:.3f} images/s against {plain['images_per_s']:.3f} without "
-                  f"({out['streaming']['streamed_over_plain']:.2f}x); first preview p50 "
+                  f"({out['streaming']['streamed_over_plain']:.2f}x), {streamed['previews_per_image']:.2f} previews "
+                  f"per image; first preview p50 "
                   f"{streamed['first_preview_s']['p50']:.2f} s, p95 {streamed['first_preview_s']['p95']:.2f} s; "
                   f"errors {plain['errors'] + streamed['errors']}", flush=True)
         soak = args.total_requests - clients.served

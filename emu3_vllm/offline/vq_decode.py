@@ -123,6 +123,11 @@ class DecodeBatcher:
         self._todo.put((grid, future, postprocess or self._postprocess))
         return future
 
+    @property
+    def waiting(self) -> int:
+        """Grids submitted that no batch has taken yet."""
+        return self._todo.qsize()
+
     def close(self) -> float:
         """Cancel what waits, stop after the batch in hand; returns the seconds spent decoding."""
         self._closed = True

@@ -63,6 +63,11 @@ from emu3_vllm.settings import MAX_SIDE, show
 
 logger = logging.getLogger("emu3_vllm")
 
+# An image's second and later previews are skipped while this many grids wait for the decoder: under load, previews
+# would delay the images themselves (a preview is a VQ decode of the rows drawn so far), and OpenAI's stream may
+# send an image's completed event before all of its partial images. The first preview always comes: it is the
+# earliest sign of what is being drawn, and the cheapest to decode.
+PREVIEW_BACKLOG = 1
 # Prompt tokens the "auto" size leaves room for when a small max_model_len caps it.
 AUTO_PROMPT_TOKENS = 32
 
@@ -395,6 +400,7 @@ class ImagesService:
         from emu3_vllm.serving.images_protocol import CompletedEvent, PartialImageEvent, usage
 
         previews: list[asyncio.Task] = []
+        waiting: list = []  # the previews' decode futures
 
         async def send_preview(future, preview_index: int, before: asyncio.Task | None) -> None:
             try:
@@ -402,6 +408,10 @@ class ImagesService:
             except DecodeError as exc:  # a preview is only a view: the image reports its own failure
                 logger.warning("%s preview %d: %s", pair_id, preview_index, exc)
                 b64 = None
+            except asyncio.CancelledError:
+                if not future.cancelled():
+                    raise
+                b64 = None  # dropped: the image was complete before the decoder reached this preview
             if before is not None:
                 await before  # an image's previews go out in order
             if b64 is not None:
@@ -410,7 +420,10 @@ class ImagesService:
 
         def on_tokens(new_tokens) -> None:
             for preview_index, _, grid in watcher.feed(new_tokens):
+                if waiting and self.decoder.waiting >= PREVIEW_BACKLOG:
+                    continue  # the decoder is behind: images first (OpenAI allows fewer partial images)
                 future = self.decoder.submit(grid, lambda image: png_b64(compose(image, spec.height, spec.width)))
+                waiting.append(future)
                 previews.append(asyncio.create_task(send_preview(future, preview_index,
                                                                  previews[-1] if previews else None)))
 
@@ -418,6 +431,10 @@ class ImagesService:
         try:
             cond_len, uncond_len, _ = await asyncio.to_thread(self._prompt_lengths, spec)
             codes = await self._pair(spec, pair_id, on_tokens if watcher is not None else None)
+            # A preview the decoder has not started is stale now: OpenAI's stream may send the completed image
+            # before all its partial images, and under load this keeps previews from slowing images down.
+            for future in waiting:
+                future.cancel()
             b64 = await asyncio.wrap_future(self.decoder.submit(codes))
             if previews:
                 await previews[-1]
