@@ -46,6 +46,10 @@ class CheckpointShape:
     image_area: int = 518400
 
 
+# The VQ-VAE of the CPU-sized checkpoints: a few hundred thousand parameters, Emu3's layout.
+_SMALL_VQ = dict(embed_dim=4, latent_channels=4, base_channels=32, channel_multiplier=[1, 2, 2, 4], num_res_blocks=1,
+                 attn_resolutions=[3], temporal_downsample_factor=4)
+
 SHAPES: dict[str, CheckpointShape] = {
     # head_dim 32: vLLM's CPU attention supports no smaller head size.
     "tiny": CheckpointShape(
@@ -53,18 +57,14 @@ SHAPES: dict[str, CheckpointShape] = {
         # which would make parity tests meaningless.
         text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=2048, initializer_range=0.2),
-        vq=dict(codebook_size=512, embed_dim=4, latent_channels=4, base_channels=32,
-                channel_multiplier=[1, 2, 2, 4], num_res_blocks=1, attn_resolutions=[3],
-                temporal_downsample_factor=4),
+        vq={**_SMALL_VQ, "codebook_size": 512},
         min_pixels=32 * 32, max_pixels=64 * 64, image_area=64 * 64,
     ),
     # ~100-300M parameters: big enough for CPU throughput ratios to mean something.
     "small": CheckpointShape(
         text=dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
                   num_key_value_heads=2, max_position_embeddings=4096, initializer_range=0.2),
-        vq=dict(codebook_size=4096, embed_dim=4, latent_channels=4, base_channels=32,
-                channel_multiplier=[1, 2, 2, 4], num_res_blocks=1, attn_resolutions=[3],
-                temporal_downsample_factor=4),
+        vq={**_SMALL_VQ, "codebook_size": 4096},
         min_pixels=64 * 64, max_pixels=256 * 256, image_area=64 * 64,
     ),
     # The released Emu3-Chat/Gen shapes (transformers' Emu3 config defaults).
@@ -76,7 +76,6 @@ SHAPES: dict[str, CheckpointShape] = {
     ),
 }
 
-# The trained shapes checkpoint shipped inside the package (see `emu3_vllm.shapes.world` and scripts/train_shapes.py).
 
 _TEXT_FIELDS = {
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
