@@ -200,7 +200,7 @@ BAD_REQUESTS = [
     ({"prompt": "p" * 3000}, "prompt"),
     ({"prompt": "x", "size": "8x8"}, "size"),
     ({"prompt": "x", "size": "4x4"}, "size"),
-    ({"prompt": "x", "stream": True}, "stream"),
+    ({"prompt": "x", "stream": "yes"}, "stream"), ({"prompt": "x", "partial_images": 2}, "partial_images"),
     ({"prompt": "x", "partial_images": 1}, "partial_images"),
     ({"prompt": "x", "model": 5}, "model"),
 ]

@@ -159,6 +159,22 @@ class CompletedEvent(_StreamedImage):
     seed: int
 
 
+class StreamError(BaseModel):
+    message: str
+    type: str = "InternalServerError"
+    param: str | None = None
+    code: int | None = None
+
+
+class StreamErrorEvent(BaseModel):
+    """An image of a streamed request that failed; sent after the other images' events."""
+
+    type: Literal["error"] = "error"
+    image_index: int
+    seed: int
+    error: StreamError
+
+
 def usage(prompt_tokens: int, image_tokens: int) -> Usage:
     """OpenAI's usage of one image: the prompt tokens of its two CFG halves in, the image's tokens out."""
     return Usage(input_tokens=prompt_tokens, input_tokens_details=InputTokensDetails(text_tokens=prompt_tokens),
@@ -166,9 +182,23 @@ def usage(prompt_tokens: int, image_tokens: int) -> Usage:
 
 
 def request_schema() -> dict:
-    """`ImagesRequest`'s JSON schema as OpenAPI needs it: any `$defs` inlined (the OpenAPI document has no `$defs`
-    for them to point to)."""
-    schema = ImagesRequest.model_json_schema()
+    """`ImagesRequest`'s JSON schema as OpenAPI needs it."""
+    return inlined_schema(ImagesRequest)
+
+
+def stream_event_schema() -> dict:
+    """One server-sent event of a streamed request as OpenAPI states it: its name, and its data, a JSON text of
+    one of the event models."""
+    events = [inlined_schema(model) for model in (PartialImageEvent, CompletedEvent, StreamErrorEvent)]
+    return {"type": "object", "required": ["data"],
+            "properties": {"event": {"type": "string", "enum": [e["properties"]["type"]["const"] for e in events]},
+                           "data": {"type": "string", "contentMediaType": "application/json",
+                                    "contentSchema": {"oneOf": events}}}}
+
+
+def inlined_schema(model) -> dict:
+    """A model's JSON schema with any `$defs` inlined (the OpenAPI document has no `$defs` for them to point to)."""
+    schema = model.model_json_schema()
     defs = schema.pop("$defs", {})
 
     def fix(node):

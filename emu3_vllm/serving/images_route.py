@@ -58,6 +58,7 @@ from emu3_vllm.serving.images_protocol import (
     parse_images_request,
     read_images_request,
     request_schema,
+    stream_event_schema,
 )
 from emu3_vllm.settings import MAX_SIDE, show
 
@@ -397,7 +398,13 @@ class ImagesService:
     async def _streamed_image(self, index: int, spec: ImageSpec, pair_id: str, call, events: asyncio.Queue) -> None:
         from emu3_vllm.offline.previews import RowWatcher, compose
         from emu3_vllm.offline.vq_decode import DecodeError
-        from emu3_vllm.serving.images_protocol import CompletedEvent, PartialImageEvent, usage
+        from emu3_vllm.serving.images_protocol import (
+            CompletedEvent,
+            PartialImageEvent,
+            StreamError,
+            StreamErrorEvent,
+            usage,
+        )
 
         previews: list[asyncio.Task] = []
         waiting: list = []  # the previews' decode futures
@@ -448,9 +455,8 @@ class ImagesService:
                        else f"image {index}: generation failed: {exc}" if isinstance(exc, PairError)
                        else f"image {index}: generation failed: {type(exc).__name__}: {exc}")
             logger.warning("%s %s", pair_id, message)
-            await events.put({"type": "error", "image_index": index, "seed": spec.seed,
-                              "error": {"message": message, "type": "InternalServerError", "param": None,
-                                        "code": None}})
+            await events.put(StreamErrorEvent(image_index=index, seed=spec.seed,
+                                              error=StreamError(message=message)).model_dump())
         finally:
             for task in previews:
                 task.cancel()
@@ -533,10 +539,12 @@ class ImagesPlugin:
         from vllm.entrypoints.serve.utils.api_utils import load_aware_call, validate_json_request, with_cancellation
 
         errors = {"model": ErrorResponse}
+        # JSON, or with `stream` server-sent events (`image_generation.partial_image` / `.completed` events).
+        ok = {"model": ImagesResponse, "content": {"text/event-stream": {"schema": stream_event_schema()}}}
         openapi = {"requestBody": {"required": True, "content": {"application/json": {"schema": request_schema()}}}}
 
         @app.post(ROUTE, dependencies=[Depends(validate_json_request)], response_model=None, openapi_extra=openapi,
-                  summary="Create images", responses={200: {"model": ImagesResponse}, 400: errors, 404: errors})
+                  summary="Create images", responses={200: ok, 400: errors, 404: errors})
         @with_cancellation
         @load_aware_call
         async def create_images(raw_request: Request, body: bytes = Depends(_request_body)):
