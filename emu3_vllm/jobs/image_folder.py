@@ -114,17 +114,18 @@ class ImageFolderSink:
         for item in items:
             images += 1
             index, record = item.index, records.get(item.index)
-            if item.spec is not None:
-                plan.needs_engine.add(index)
             if record is None or record.get("error") or item.spec is None or "file" not in record:
                 plan.todo.append(index)
+                plan.todo_needs_engine |= item.spec is not None
                 continue
             differs = [name for name, value in self._defining(item.spec).items() if record.get(name) != value]
             if differs:
                 plan.changed[index] = differs
+                plan.changed_needs_engine = True
             elif not intact(self.out / record["file"], record.get("bytes"), record.get("sha256")):
                 plan.corrupt.append(index)
                 plan.todo.append(index)
+                plan.todo_needs_engine = True
             else:
                 plan.skipped.append(index)
         self.stats = {"out": str(self.out), "images": images, "skipped": len(plan.skipped), "written": 0,

@@ -59,7 +59,9 @@ class Plan:
     skipped: list[int] = field(default_factory=list)
     corrupt: list[int] = field(default_factory=list)  # on disk, but not what its record describes
     changed: dict[int, list[str]] = field(default_factory=dict)  # made with other settings: the fields that differ
-    needs_engine: set[int] = field(default_factory=set)  # units holding an item the engine must draw
+    # Whether a unit to make holds an item the engine must draw (a unit of bad items only is written without one).
+    todo_needs_engine: bool = False
+    changed_needs_engine: bool = False
 
     def name(self, unit: int) -> str:
         return str(unit) if self.unit == "image" else f"{unit:05d}"
@@ -123,7 +125,7 @@ class GenerationJob:
 
     @property
     def needs_engine(self) -> bool:
-        return any(unit in self.plan.needs_engine for unit in self.todo)
+        return self.plan.todo_needs_engine or self.plan.changed_needs_engine
 
     def items(self) -> Iterator[JobItem]:
         return job_items(self.prompts, self.defaults, self.seed)

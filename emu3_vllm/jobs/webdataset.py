@@ -394,11 +394,11 @@ class WebdatasetSink:
     def _plan_shard(self, items: list[JobItem], plan: Plan) -> None:
         shard = self.shard_of(items[0].index)
         self.sizes[shard] = len(items)
-        if any(item.spec is not None for item in items):
-            plan.needs_engine.add(shard)
+        drawn = any(item.spec is not None for item in items)
         stats = self.shard_stats(shard)
         if stats is None:
             plan.todo.append(shard)
+            plan.todo_needs_engine |= drawn
             return
         if stats.get("records_sha256") == records_digest(item_record(item, self.model) for item in items):
             if self.intact(stats):
@@ -406,6 +406,7 @@ class WebdatasetSink:
             else:
                 plan.corrupt.append(shard)
                 plan.todo.append(shard)
+                plan.todo_needs_engine |= drawn
             return
         old = self.manifest(shard)
         differs: set[str] = set()
@@ -417,8 +418,10 @@ class WebdatasetSink:
             differs.update(name for name in DEFINING if row.get(name) != new.get(name))
         if differs:
             plan.changed[shard] = sorted(differs)
+            plan.changed_needs_engine |= drawn
         else:
             plan.todo.append(shard)
+            plan.todo_needs_engine |= drawn
 
     # ----------------------------------------------------------------------------------------------------------
     # Writing
