@@ -206,6 +206,17 @@ def _passes_through(exc: BaseException) -> bool:
     return isinstance(exc, (VLLMClientError, GracefulHTTPError, EngineDeadError))
 
 
+def _image_error(index: int, exc: Exception) -> str:
+    """Why image `index` of a request failed, as its `data` entry or its error event says."""
+    from emu3_vllm.offline.vq_decode import DecodeError
+
+    if isinstance(exc, DecodeError):
+        return f"image {index}: {exc}"
+    if isinstance(exc, PairError):
+        return f"image {index}: generation failed: {exc}"
+    return f"image {index}: generation failed: {type(exc).__name__}: {exc}"
+
+
 def _sse(event: dict) -> str:
     """One server-sent event, named by its type as OpenAI names its image events."""
     return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
@@ -294,41 +305,37 @@ class ImagesService:
                                   "model", 404)
         try:
             call = parse_images_request(request, auto_size=self.auto_size)
-            await self._check_fits(call.specs[0])
+            prompt_tokens = await self._check_fits(call.specs[0])  # the n images share their prompts
         except ItemError as exc:
             return error_response(str(exc).removeprefix(f"{WHERE}: "), exc.field)
         request_id = f"img-{uuid.uuid4().hex}"
         if call.stream:
             from fastapi.responses import StreamingResponse
 
-            return StreamingResponse(self._events(call, request_id), media_type="text/event-stream")
+            return StreamingResponse(self._events(call, request_id, prompt_tokens), media_type="text/event-stream")
         # What escapes an image (vLLM's 4xx errors, a dead engine) goes to vLLM's exception handlers.
         data = await all_or_none(self._image(i, spec, f"{request_id}-{i}") for i, spec in enumerate(call.specs))
         return JSONResponse(content={"created": int(time.time()), "size": call.size, "output_format": "png",
                                      "data": data})
 
-    async def _check_fits(self, spec: ImageSpec) -> None:
+    async def _check_fits(self, spec: ImageSpec) -> int:
+        """An `ItemError` if the image cannot run on this server; else the prompt tokens of its two halves."""
         cond_len, uncond_len, bare_len = await asyncio.to_thread(self._prompt_lengths, spec)
         self.limits.check_image(WHERE, cond_len, uncond_len, spec.num_tokens, spec.height, spec.width,
                                 bare_len=bare_len)
+        return cond_len + uncond_len
 
     async def _image(self, index: int, spec: ImageSpec, pair_id: str) -> dict:
         """`data[index]`: the image, or why it failed."""
-        from emu3_vllm.offline.vq_decode import DecodeError
-
         entry: dict[str, Any] = {"b64_json": None, "seed": spec.seed}
         try:
             codes = await self._pair(spec, pair_id)
             entry["b64_json"] = await asyncio.wrap_future(self.decoder.submit(codes))
             return entry
-        except PairError as exc:
-            entry["error"] = f"image {index}: generation failed: {exc}"
-        except DecodeError as exc:
-            entry["error"] = f"image {index}: {exc}"
         except Exception as exc:  # noqa: BLE001 - one image's failure is reported in its place
             if _passes_through(exc):
                 raise
-            entry["error"] = f"image {index}: generation failed: {type(exc).__name__}: {exc}"
+            entry["error"] = _image_error(index, exc)
         logger.warning("%s %s", pair_id, entry["error"])
         return entry
     async def _pair(self, spec: ImageSpec, pair_id: str, on_tokens=None) -> list[list[int]]:
@@ -371,11 +378,11 @@ class ImagesService:
     # ----------------------------------------------------------------------------------------------------------
     # Streaming
 
-    async def _events(self, call, request_id: str):
+    async def _events(self, call, request_id: str, prompt_tokens: int):
         """The server-sent events of a streamed request: every image's events as they happen; an image's error
         comes after the other images' events, since OpenAI's SDK stops reading at an error."""
         events: asyncio.Queue = asyncio.Queue()
-        tasks = [asyncio.create_task(self._streamed_image(i, spec, f"{request_id}-{i}", call, events))
+        tasks = [asyncio.create_task(self._streamed_image(i, spec, f"{request_id}-{i}", call, prompt_tokens, events))
                  for i, spec in enumerate(call.specs)]
         errors = []
         try:
@@ -395,7 +402,8 @@ class ImagesService:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _streamed_image(self, index: int, spec: ImageSpec, pair_id: str, call, events: asyncio.Queue) -> None:
+    async def _streamed_image(self, index: int, spec: ImageSpec, pair_id: str, call, prompt_tokens: int,
+                              events: asyncio.Queue) -> None:
         from emu3_vllm.offline.previews import RowWatcher, compose
         from emu3_vllm.offline.vq_decode import DecodeError
         from emu3_vllm.serving.images_protocol import (
@@ -406,8 +414,8 @@ class ImagesService:
             usage,
         )
 
-        previews: list[asyncio.Task] = []
-        waiting: list = []  # the previews' decode futures
+        previews: list[asyncio.Task] = []  # each sends one preview's event, after the one before it
+        preview_decodes: list = []  # their decode futures
 
         async def send_preview(future, preview_index: int, before: asyncio.Task | None) -> None:
             try:
@@ -427,33 +435,30 @@ class ImagesService:
 
         def on_tokens(new_tokens) -> None:
             for preview_index, _, grid in watcher.feed(new_tokens):
-                if waiting and self.decoder.waiting >= PREVIEW_BACKLOG:
+                if preview_decodes and self.decoder.waiting >= PREVIEW_BACKLOG:
                     continue  # the decoder is behind: images first (OpenAI allows fewer partial images)
                 future = self.decoder.submit(grid, lambda image: png_b64(compose(image, spec.height, spec.width)))
-                waiting.append(future)
+                preview_decodes.append(future)
                 previews.append(asyncio.create_task(send_preview(future, preview_index,
                                                                  previews[-1] if previews else None)))
 
         watcher = RowWatcher(spec.h, spec.w, call.partial_images, self.token_ids) if call.partial_images else None
         try:
-            cond_len, uncond_len, _ = await asyncio.to_thread(self._prompt_lengths, spec)
             codes = await self._pair(spec, pair_id, on_tokens if watcher is not None else None)
             # A preview the decoder has not started is stale now: OpenAI's stream may send the completed image
             # before all its partial images, and under load this keeps previews from slowing images down.
-            for future in waiting:
+            for future in preview_decodes:
                 future.cancel()
             b64 = await asyncio.wrap_future(self.decoder.submit(codes))
             if previews:
                 await previews[-1]
             await events.put(CompletedEvent(b64_json=b64, size=call.size, created_at=int(time.time()),
                                             image_index=index, seed=spec.seed,
-                                            usage=usage(cond_len + uncond_len, spec.num_tokens)).model_dump())
+                                            usage=usage(prompt_tokens, spec.num_tokens)).model_dump())
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - one image's failure is its own error event
-            message = (f"image {index}: {exc}" if isinstance(exc, DecodeError)
-                       else f"image {index}: generation failed: {exc}" if isinstance(exc, PairError)
-                       else f"image {index}: generation failed: {type(exc).__name__}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - one image's failure is its own error event (headers are sent)
+            message = _image_error(index, exc)
             logger.warning("%s %s", pair_id, message)
             await events.put(StreamErrorEvent(image_index=index, seed=spec.seed,
                                               error=StreamError(message=message)).model_dump())
