@@ -21,6 +21,7 @@ from emu3_vllm.shapes.world import (
     fill_ratio,
     mask_centroid,
     non_white_mask,
+    off_colour_share,
     psnr,
     sample,
     samples,
@@ -29,6 +30,6 @@ from emu3_vllm.shapes.world import (
 __all__ = [
     "BACKGROUND", "COLOUR_QUESTION", "DESCRIBE_QUESTION", "IMAGE_SIZE", "MAX_SIDE", "MIN_SIDE", "PALETTE",
     "QUESTIONS", "SHAPES", "SHAPE_QUESTION", "ShapeSample", "all_captions", "caption", "classify",
-    "copy_shapes_checkpoint", "draw", "fill_ratio", "mask_centroid", "non_white_mask", "psnr", "sample", "samples",
-    "shapes_checkpoint",
+    "copy_shapes_checkpoint", "draw", "fill_ratio", "mask_centroid", "non_white_mask", "off_colour_share", "psnr",
+    "sample", "samples", "shapes_checkpoint",
 ]

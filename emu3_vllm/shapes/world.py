@@ -149,6 +149,15 @@ def fill_ratio(mask) -> float:
     return float(len(xs) / area)
 
 
+def nearest_palette_colours(image, mask):
+    """Palette index (in `PALETTE` order) of the nearest colour to each pixel under `mask`."""
+    import numpy as np
+
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)[mask]
+    palette = np.asarray(list(PALETTE.values()), dtype=np.float32)
+    return ((pixels[:, None, :] - palette[None]) ** 2).sum(-1).argmin(-1)
+
+
 def classify(image) -> tuple[str | None, str | None]:
     """(colour, shape) read from the pixels: the palette colour most of the shape's pixels are nearest to, and
     the shape whose bounding-box fill ratio matches. (None, None) for an image with no shape pixels."""
@@ -157,13 +166,21 @@ def classify(image) -> tuple[str | None, str | None]:
     mask = non_white_mask(image)
     if not mask.any():
         return None, None
-    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)[mask]
-    palette = np.asarray(list(PALETTE.values()), dtype=np.float32)
-    nearest = ((pixels[:, None, :] - palette[None]) ** 2).sum(-1).argmin(-1)
-    colour = list(PALETTE)[int(np.bincount(nearest, minlength=len(palette)).argmax())]
+    nearest = nearest_palette_colours(image, mask)
+    colour = list(PALETTE)[int(np.bincount(nearest, minlength=len(PALETTE)).argmax())]
     ratio = fill_ratio(mask)
     shape = "square" if ratio >= SQUARE_MIN_FILL else "triangle" if ratio <= TRIANGLE_MAX_FILL else "circle"
     return colour, shape
+
+
+def off_colour_share(image, colour: str) -> float:
+    """The share of the shape's pixels whose nearest palette colour is not `colour` (0 for an image with no shape
+    pixels): what guidance that pushes the wrong way paints into a shape."""
+    mask = non_white_mask(image)
+    if not mask.any():
+        return 0.0
+    nearest = nearest_palette_colours(image, mask)
+    return float((nearest != list(PALETTE).index(colour)).mean())
 
 
 def psnr(a, b) -> float:
