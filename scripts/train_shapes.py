@@ -16,8 +16,9 @@ deterministic (fixed seeds, fixed thread count, fixed step counts) and runs on a
    trained encoder, codes to visual-token ids through `vocabulary_map` with an end-of-line after each row.
 3. The text decoder (transformers' Emu3 text model) trains on token ids in Emu3's own layouts:
    - generation: `BOS caption POSITIVE_SUFFIX <|image start|>8*8<|image token|> image EOF EOI EOS`, exactly the
-     prompt `Emu3.generate_images` builds, and for a share of the images the official negative prompt instead of
-     the caption (the unconditional model CFG pushes against);
+     prompt `Emu3.generate_images` builds, and the same image after the official negative prompt: the two halves
+     of a CFG pair. The loss also scores the guided distribution at cfg 3 and 5, and the image the halves read
+     has some codes recoloured, as a sampled slip would leave it (see `train_text`);
    - understanding: `BOS` + the chat prompt with the image span + the answer + EOS, in the layout the
      checkpoint's chat template renders (what `Emu3.understand` sends) and in Emu3's official-script layout.
    Images embed as the text-embedding lookup of their visual-token ids, which is what transformers and vLLM do at
@@ -45,7 +46,7 @@ from emu3_vllm.cfg_pairs import ImageSpec, PromptTokens, pair_prompts
 from emu3_vllm.offline.items import UnderstandingItem
 from emu3_vllm.offline.understanding import build_prompt
 from emu3_vllm.prompts import NEGATIVE_PROMPT, POSITIVE_SUFFIX, understanding_prompt
-from emu3_vllm.testing.checkpoints import IMAGE_TOKEN, make_random_checkpoint
+from emu3_vllm.testing.checkpoints import IMAGE_TOKEN, make_random_checkpoint, visual_token
 
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = list(shapes.PALETTE)
@@ -56,8 +57,13 @@ INK = 128  # a pixel is the shape's when its darkest channel is below this (as s
 # Edge prototypes per colour: codebook = white + 6 colours x (full + 84 edges) = 511 codes. The decoder sees the
 # neighbouring codes, so it draws edges more exactly than one prototype per patch could.
 PROTOTYPES = 84
-VQ = dict(embed_dim=16, latent_channels=16, base_channels=32, channel_multiplier=[1, 1, 1, 1], num_res_blocks=0,
+VQ = dict(embed_dim=16, latent_channels=16, base_channels=32, channel_multiplier=[1, 1, 1, 1], num_res_blocks=1,
           attn_resolutions=[], temporal_downsample_factor=1)
+# Text loss: cross-entropy weights. Guided terms are per scale; their gradients reach the unconditional half
+# multiplied by s - 1, so small weights suffice.
+GUIDANCE = (3.0, 5.0)
+LOSS_WEIGHTS = {"cond": 0.8, "uncond": 0.2, "guided": 0.1, "answer": 1.0, "understanding": 0.5}
+SLIP_RATE = 0.08
 TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.02)
 
@@ -354,26 +360,64 @@ class Sequences:
         return torch.cat([torch.tensor([self.wrapper]), image_ids, self.tail])
 
 
-def train_text(lm, seqs: Sequences, image_ids: torch.Tensor, samples: list, *, steps: int, gen_batch: int,
-               uncond_batch: int, und_batch: int, lr: float, seed: int) -> dict[str, float]:
+def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance on logits, as emu3_vllm's CFG step guides them."""
+    return uncond + scale * (cond - uncond)
+
+
+def train_text(lm, seqs: Sequences, image_ids: torch.Tensor, samples: list, *, steps: int, pairs: int,
+               und_batch: int, lr: float, seed: int, guidance: tuple[float, ...], weights: dict[str, float],
+               guided_ramp: float, code_ids: torch.Tensor, per_colour: int, slip_rate: float) -> dict[str, float]:
+    """Each step: `pairs` images, each continuing its caption's prompt and the negative prompt (the two halves of
+    a CFG pair), and `und_batch` images with the three questions.
+
+    The generation loss is cross-entropy of the conditional half, of the unconditional half, and of the guided
+    distribution at each scale in `guidance` (the next code under `uncond + s * (cond - uncond)`). Trained by
+    maximum likelihood alone, the two halves disagree by noise on codes that neither should pick, and guidance
+    multiplies that noise into blocks of other colours. The guided terms teach the unconditional half to carry the
+    same noise, so that guidance cancels it. They do not reach the conditional half: it stays a maximum-likelihood
+    model, which is what cfg 1 samples (trained by the guided terms too, it leaves colour to guidance and draws
+    mixed colours alone). They ramp in over the first `guided_ramp` of the steps, once both halves predict
+    something.
+
+    A drawing's own slips stay in its context: a sampled code of another colour is read by every later step. So
+    in the image the two halves read, a share `slip_rate` of the coloured codes have their colour swapped (same
+    cover, other colour; `code_ids[code]` is a code's token, codes are `1 + colour * per_colour + cover`), while
+    the codes they must predict stay the clean image's: both learn to carry on in the caption's colour after a
+    slip. Covers stay exact, so edges are still drawn from the rows above."""
     rng = np.random.default_rng(seed)
+    code_of_token = torch.full((lm.config.vocab_size,), -1, dtype=torch.long)
+    code_of_token[code_ids] = torch.arange(len(code_ids))
     layouts = random.Random(seed)
     opt = torch.optim.AdamW(lm.parameters(), lr, betas=(0.9, 0.98), weight_decay=0.01)
     vocab = lm.config.vocab_size
     lm.train()
     ema: dict[str, float] = {}
 
-    def generation_loss(idx, uncond: bool):
-        if uncond:
-            prefixes, pidx = [seqs.uncond[:-1]], torch.zeros(len(idx), dtype=torch.long)
-        else:
-            caps = [samples[i].caption for i in idx]
-            distinct = sorted(set(caps))
-            prefixes = [seqs.cond[c][:-1] for c in distinct]
-            pidx = torch.tensor([distinct.index(c) for c in caps])
+    def generation_losses(idx) -> dict[str, torch.Tensor]:
+        # One forward for both halves: the distinct captions' prompts and the negative prompt are the prefixes.
+        caps = [samples[i].caption for i in idx]
+        distinct = sorted(set(caps))
+        prefixes = [seqs.cond[c][:-1] for c in distinct] + [seqs.uncond[:-1]]
+        pidx = torch.tensor([distinct.index(c) for c in caps] + [len(distinct)] * len(idx))
         suffix = torch.stack([seqs.image_suffix(image_ids[i]) for i in idx])
-        _, logits = shared_prefix_logits(lm, prefixes, pidx, suffix, seqs.pad)
-        return F.cross_entropy(logits[:, :-1].reshape(-1, vocab), suffix[:, 1:].reshape(-1))
+        read = suffix.clone()  # both halves read the same slips, as both read the same sampled codes
+        code = code_of_token[read]
+        slips = (code > 0) & torch.from_numpy(rng.random(read.shape) < slip_rate)
+        colour, cover = (code[slips] - 1) // per_colour, (code[slips] - 1) % per_colour
+        other = (colour + torch.from_numpy(rng.integers(1, len(COLOURS), len(colour)))) % len(COLOURS)
+        read[slips] = code_ids[1 + other * per_colour + cover]
+        _, logits = shared_prefix_logits(lm, prefixes, pidx, torch.cat([read, read]), seqs.pad)
+        cond, uncond = logits[:, :-1].chunk(2)
+        target = suffix[:, 1:].reshape(-1)
+
+        def nll(x):
+            return F.cross_entropy(x.reshape(-1, vocab), target)
+
+        losses = {"cond_image": nll(cond), "uncond_image": nll(uncond)}
+        for scale in guidance:
+            losses[f"guided_{scale:g}"] = nll(guided_logits(cond.detach(), uncond, scale))
+        return losses
 
     def understanding_loss(idx):
         prefixes, rows, targets = [], [], []
@@ -405,16 +449,17 @@ def train_text(lm, seqs: Sequences, image_ids: torch.Tensor, samples: list, *, s
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = cosine_lr(lr, step, steps, warmup=50)
-        cond = generation_loss(rng.integers(0, len(samples), gen_batch), uncond=False)
-        uncond = generation_loss(rng.integers(0, len(samples), uncond_batch), uncond=True)
-        answer, und_image = understanding_loss(rng.integers(0, len(samples), und_batch))
-        loss = (cond * gen_batch + uncond * uncond_batch) / (gen_batch + uncond_batch) + answer + 0.5 * und_image
+        losses = generation_losses(rng.integers(0, len(samples), pairs))
+        losses["answer"], losses["understanding_image"] = understanding_loss(rng.integers(0, len(samples), und_batch))
+        ramp = min(1.0, step / max(1.0, guided_ramp * steps))
+        # Weights by the loss's first word: cond, uncond, guided, answer, understanding.
+        loss = sum(weights[name.split("_")[0]] * (ramp if name.startswith("guided_") else 1.0) * value
+                   for name, value in losses.items())
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
         opt.step()
-        for name, value in (("cond_image", cond), ("uncond_image", uncond), ("answer", answer),
-                            ("understanding_image", und_image)):
+        for name, value in losses.items():
             ema[name] = value.item() if step == 0 else 0.95 * ema[name] + 0.05 * value.item()
         if (step + 1) % 50 == 0:
             log(f"  text step {step + 1}/{steps}: " + ", ".join(f"{k} {v:.3f}" for k, v in ema.items()))
@@ -435,7 +480,8 @@ def main(argv=None) -> int:
     parser.add_argument("--decoder-full-steps", type=int, default=0)
     parser.add_argument("--encoder-steps", type=int, default=400)
     parser.add_argument("--decoder-tune-steps", type=int, default=600)
-    parser.add_argument("--text-steps", type=int, default=1100)
+    parser.add_argument("--text-steps", type=int, default=1400)
+    parser.add_argument("--pairs", type=int, default=24, help="CFG pairs (one image, both prompts) per text step")
     parser.add_argument("--vq-state", help="file keeping the trained VQ-VAE: loaded when it exists (to retrain only "
                         "the text decoder), written after training otherwise")
     parser.add_argument("--text-state", help="file keeping the trained text decoder (and the visual tokens it "
@@ -494,6 +540,7 @@ def main(argv=None) -> int:
     clock.stop()
 
     text_config = config.text_config
+    code_ids = torch.tensor([config.vocabulary_map[visual_token(code)] for code in range(codebook_size)])
     text_config.attention_dropout = 0.0  # transformers' Emu3 default is 0.1: slower, and no use in a short run
     text_config._attn_implementation = "sdpa"
     lm = Emu3ForCausalLM(text_config)
@@ -509,8 +556,10 @@ def main(argv=None) -> int:
         log(f"text decoder from {text_state} (delete it to retrain)")
     else:
         clock.start("text decoder")
-        text_losses = train_text(lm, Sequences(processor), image_ids, samples, steps=args.text_steps, gen_batch=32,
-                                 uncond_batch=8, und_batch=8, lr=3e-3, seed=args.seed)
+        text_losses = train_text(lm, Sequences(processor), image_ids, samples, steps=args.text_steps,
+                                 pairs=args.pairs, und_batch=8, lr=3e-3, seed=args.seed, guidance=GUIDANCE,
+                                 weights=LOSS_WEIGHTS, guided_ramp=0.2, slip_rate=SLIP_RATE,
+                                 per_colour=args.prototypes + 1, code_ids=code_ids)
         clock.stop()
         if text_state is not None:
             torch.save({"lm": lm.state_dict(), "losses": text_losses, "image_ids": image_ids,

@@ -1,5 +1,6 @@
 """The trained shapes checkpoint, judged by meaning: what it answers about pictures of the shapes world and what it
-draws for the world's captions, each on samples drawn fresh from the world with the test's own seed.
+draws for the world's captions at cfg 1, 3 and 5, each on samples drawn fresh from the world with the test's own
+seeds (`emu3_vllm.shapes.scores`, which scripts/score_shapes.py runs on more seed sets).
 
 A bug that transformers would share (a transposed grid, swapped colour channels, guidance pushing the wrong way, a
 wrong negative-prompt convention) passes the parity tests on random weights; here it costs accuracy. (lmms-eval on
@@ -9,7 +10,6 @@ a shapes VQA task runs in tests/test_lmms_eval.py, with the other understanding 
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 import zipfile
@@ -19,37 +19,21 @@ import numpy as np
 import pytest
 
 from emu3_vllm import shapes
+from emu3_vllm.shapes.scores import SeedSet, ask, draw, drawing_scores, drawing_seeds, score_all
 from emu3_vllm.shapes.trained import shapes_checkpoint
 
-UNDERSTANDING_SEED = 1001
-VQ_SEED = 1002
-GENERATION_SEEDS = (7000, 8000)  # caption i of the 18 is drawn with seeds 7000 + i and 8000 + i
-VCOT_SEED = 9000
+SEEDS = SeedSet(7000)  # every picture and drawing seed derives from this (scripts/score_shapes.py adds more sets)
 SIZE = 64
-
-
-def _ask(engine, images, question):
-    return engine.understand([(question, [image]) for image in images], max_new_tokens=24, use_tqdm=False)
-
-
-def _draw(engine, captions, cfg_scale, seeds, **kwargs):
-    results = engine.generate_images(captions, height=SIZE, width=SIZE, cfg_scale=cfg_scale, seed=list(seeds),
-                                     use_tqdm=False, **kwargs)
-    for result in results:
-        assert result.error is None, result.error
-        assert result.image.size == (SIZE, SIZE)
-    return results
-
-
-def _codes_of(engine, token_rows):
-    """(h, w) code grids from the visual-token ids (with end-of-line columns) the engine's VQ encoder gave."""
-    code_of = {token: code for code, token in enumerate(engine.token_ids.visual)}
-    grids = []
-    for ids in token_rows:
-        rows = np.asarray(ids).reshape(SIZE // 8, SIZE // 8 + 1)
-        assert (rows[:, -1] == engine.token_ids.eol).all()
-        grids.append([[code_of[int(t)] for t in row[:-1]] for row in rows])
-    return grids
+# Bars: what the checkpoint scored on this seed set and on a second one (scripts/score_shapes.py, the README's
+# table), less the spread between the two. With hashed sampling noise a seed draws the same image on any run, so
+# the margin is for other seeds' luck and for other hardware's rounding, not for this run's. cfg 3's shape bar
+# stays the previous checkpoint's 0.8, which these seeds clear (0.83) by less than the spread.
+CFG3_BARS = {"colour": 0.95, "shape": 0.8, "off_colour": 0.05}  # scored 1.00 / 0.83-0.90 / 3.0-3.2 %
+CFG5_BARS = {"shape": 0.7, "off_colour": 0.06}  # scored 0.78-0.85 / 4.0-4.1 %
+CFG1_BARS = {"colour": 0.95, "shape": 0.65}  # scored 1.00 / 0.72-0.75
+UNDERSTANDING_BAR = 0.95  # scored 0.98-1.00 on each question
+PSNR_MIN_BAR, PSNR_MEAN_BAR = 22.0, 25.0  # worst of 24 scored 22.8-23.2 dB, mean 25.8-26.9 dB
+VISUAL_COT_BAR = 0.85  # scored 0.94 (17 of 18)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -57,6 +41,8 @@ def _codes_of(engine, token_rows):
 
 
 def test_world_follows_its_drawing_rules_and_the_classifier_reads_it_back():
+    from PIL import Image
+
     fresh = shapes.samples(300, seed=4)
     for sample in fresh:
         assert shapes.MIN_SIDE <= sample.side <= shapes.MAX_SIDE
@@ -69,6 +55,13 @@ def test_world_follows_its_drawing_rules_and_the_classifier_reads_it_back():
     assert inside.sum() == 31 * 31 and inside[7:38, 5:36].all()  # PIL's box is inclusive
     assert ((pixels == 255).all(-1) | inside).all()  # no outline, no antialiasing: two colours only
     assert shapes.samples(5, seed=3) == shapes.samples(5, seed=3)
+    # Off-colour share: a shape's pixels nearest another palette colour than the caption's.
+    assert shapes.off_colour_share(square.image(), "blue") == 0.0
+    assert shapes.off_colour_share(square.image(), "red") == 1.0
+    half = pixels.copy()
+    half[7:38, 5:20] = shapes.PALETTE["orange"]  # 15 of the 31 columns
+    assert shapes.off_colour_share(Image.fromarray(half), "blue") == 15 / 31
+    assert shapes.off_colour_share(Image.new("RGB", (SIZE, SIZE), "white"), "blue") == 0.0
     assert len(set(shapes.all_captions())) == 18
 
 
@@ -104,63 +97,53 @@ def test_a_built_wheel_ships_the_checkpoint(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Seeing
+# Seeing and drawing, on one seed set (bars: the issue's targets less the spread measured across seed sets)
+
+
+@pytest.fixture(scope="module")
+def scores(shapes_engine):
+    result = score_all(shapes_engine, SEEDS)
+    print(f"\nshapes checkpoint scores: {json.dumps(result)}")
+    return result
 
 
 @pytest.mark.engine
-def test_understanding_answers_colour_and_shape(shapes_engine):
-    fresh = shapes.samples(60, seed=UNDERSTANDING_SEED)
-    images = [s.image() for s in fresh]
-    accuracy = {}
-    for question in (shapes.COLOUR_QUESTION, shapes.SHAPE_QUESTION, shapes.DESCRIBE_QUESTION):
-        answers = _ask(shapes_engine, images, question)
-        assert all(a.error is None for a in answers)
-        accuracy[question] = float(np.mean([a.strip() == s.answer(question) for a, s in zip(answers, fresh)]))
-    print(f"\nunderstanding accuracy on 60 fresh images: {json.dumps(accuracy)}")
-    assert accuracy[shapes.COLOUR_QUESTION] >= 0.9, accuracy
-    assert accuracy[shapes.SHAPE_QUESTION] >= 0.9, accuracy
+def test_understanding_answers_colour_shape_and_description(scores):
+    assert min(scores["understanding"].values()) >= UNDERSTANDING_BAR, scores["understanding"]
 
 
 @pytest.mark.engine
-def test_vq_round_trip_keeps_the_picture_where_it_was(shapes_engine):
-    """The engine's VQ encoder, then the VQ decoder: PSNR >= 25 dB, and the shape stays put (nothing transposed
-    or flipped: the centroid moves less than 2 px)."""
-    fresh = shapes.samples(24, seed=VQ_SEED)
-    originals = [s.image() for s in fresh]
-    grids = _codes_of(shapes_engine, [shapes_engine.image_tokens([image])[0] for image in originals])
-    decoded = shapes_engine.decode_images(grids)
-    psnr = [shapes.psnr(a, b) for a, b in zip(originals, decoded)]
-    moved = [math.dist(shapes.mask_centroid(shapes.non_white_mask(a)), shapes.mask_centroid(shapes.non_white_mask(b)))
-             for a, b in zip(originals, decoded)]
-    print(f"\nVQ round trip: PSNR mean {np.mean(psnr):.2f} dB (min {min(psnr):.2f}), centroid shift max "
-          f"{max(moved):.2f} px")
-    assert np.mean(psnr) >= 25, psnr
-    assert max(moved) <= 2, moved
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Drawing
-
-
-def _accuracy(results, captions):
-    read = [shapes.classify(r.image) for r in results]
-    colour = float(np.mean([c == cap.split()[1] for (c, _), cap in zip(read, captions)]))
-    shape = float(np.mean([s == cap.split()[2] for (_, s), cap in zip(read, captions)]))
-    return colour, shape
+def test_vq_round_trip_keeps_the_picture_where_it_was(scores):
+    """The engine's VQ encoder, then the VQ decoder on 24 fresh pictures: the worst and the mean keep their PSNR
+    bars, and the shape stays put (nothing transposed or flipped: the centroid moves less than 2 px)."""
+    assert scores["round_trip"]["psnr_min"] >= PSNR_MIN_BAR, scores["round_trip"]
+    assert scores["round_trip"]["psnr_mean"] >= PSNR_MEAN_BAR, scores["round_trip"]
+    assert scores["round_trip"]["centroid_shift_max"] <= 2, scores["round_trip"]
 
 
 @pytest.mark.engine
-def test_drawings_follow_their_captions_and_guidance_helps(shapes_engine):
-    captions = shapes.all_captions() * len(GENERATION_SEEDS)
-    seeds = [base + i for base in GENERATION_SEEDS for i in range(18)]
-    by_scale = {scale: _accuracy(_draw(shapes_engine, captions, scale, seeds), captions) for scale in (1.0, 3.0)}
-    print(f"\ngeneration (18 captions x 2 seeds), (colour, shape) accuracy by CFG scale: {by_scale}")
-    colour, shape = by_scale[3.0]
-    assert colour >= 0.9 and shape >= 0.8, by_scale
-    assert by_scale[3.0][0] >= by_scale[1.0][0], by_scale
+def test_drawings_follow_their_captions_at_emu3s_default_guidance(scores):
+    cfg3 = scores["drawing"]["cfg3"]
+    assert cfg3["colour"] >= CFG3_BARS["colour"] and cfg3["shape"] >= CFG3_BARS["shape"], cfg3
+    assert cfg3["off_colour"] <= CFG3_BARS["off_colour"], cfg3
+
+
+@pytest.mark.engine
+def test_strong_guidance_keeps_shapes_whole_and_weak_guidance_still_draws(scores):
+    cfg5, cfg1 = scores["drawing"]["cfg5"], scores["drawing"]["cfg1"]
+    assert cfg5["shape"] >= CFG5_BARS["shape"] and cfg5["off_colour"] <= CFG5_BARS["off_colour"], cfg5
+    assert cfg1["colour"] >= CFG1_BARS["colour"] and cfg1["shape"] >= CFG1_BARS["shape"], cfg1
+    assert scores["drawing"]["cfg3"]["colour"] >= cfg1["colour"], scores["drawing"]  # guidance helps
+
+
+@pytest.mark.engine
+def test_visual_chain_of_thought_reads_back_what_it_drew(scores):
+    """Stage 1 draws "a {colour} {shape}"; stage 2, asked the colour of the drawn picture, answers it."""
+    assert scores["visual_cot"] >= VISUAL_COT_BAR, scores["visual_cot"]
 
 
 FP8_SEEDS = tuple(range(11000, 27000, 1000))  # 18 captions x 16 seeds: a score moves by 1/288 per image
+FP8_PICTURES_SEED = 1008
 
 
 @pytest.mark.engine
@@ -172,35 +155,22 @@ def test_an_fp8_kv_cache_draws_and_answers_as_well_as_the_model_dtype_one():
 
     from emu3_vllm import Emu3
 
-    captions = shapes.all_captions() * len(FP8_SEEDS)
-    seeds = [base + i for base in FP8_SEEDS for i in range(18)]
-    pictures = shapes.samples(30, seed=UNDERSTANDING_SEED + 7)
+    captions, seeds = drawing_seeds(FP8_SEEDS)
+    pictures = shapes.samples(30, seed=FP8_PICTURES_SEED)
     scores = {}
     for kv in ("auto", "fp8"):
         engine = Emu3(shapes_checkpoint(), **{**ENGINE_KWARGS, "dtype": "bfloat16", "kv_cache_dtype": kv,
                                               "max_num_seqs": 64})
         try:
-            colour, shape = _accuracy(_draw(engine, captions, 3.0, seeds), captions)
-            answers = _ask(engine, [p.image() for p in pictures], shapes.COLOUR_QUESTION)
-            understood = float(np.mean([a.strip() == p.answer(shapes.COLOUR_QUESTION)
-                                        for a, p in zip(answers, pictures)]))
+            drawn = drawing_scores([r.image for r in draw(engine, captions, seeds, 3.0)], captions)
+            answers = ask(engine, [p.image() for p in pictures], shapes.COLOUR_QUESTION)
+            understood = float(np.mean([a == p.answer(shapes.COLOUR_QUESTION) for a, p in zip(answers, pictures)]))
         finally:
             engine.close()
-        scores[kv] = {"colour": colour, "shape": shape, "understanding colour": understood}
+        scores[kv] = {**drawn, "understanding colour": understood}
     print(f"\nKV cache auto vs fp8 (bf16 weights): {scores}")
     for name in scores["auto"]:
         assert abs(scores["fp8"][name] - scores["auto"][name]) <= 0.05, scores
-
-
-@pytest.mark.engine
-def test_visual_chain_of_thought_reads_back_what_it_drew(shapes_engine):
-    """Stage 1 draws "a {colour} {shape}"; stage 2, asked the colour of the drawn picture, answers it."""
-    captions = shapes.all_captions()
-    drawn = _draw(shapes_engine, captions, 3.0, [VCOT_SEED + i for i in range(len(captions))])
-    answers = _ask(shapes_engine, [r.image for r in drawn], shapes.COLOUR_QUESTION)
-    accuracy = float(np.mean([a.strip() == cap.split()[1] for a, cap in zip(answers, captions)]))
-    print(f"\nvisual CoT colour accuracy: {accuracy:.3f}")
-    assert accuracy >= 0.8
 
 
 @pytest.mark.engine
@@ -248,7 +218,7 @@ def test_greedy_generation_matches_transformers(shapes_engine, hf_shapes):
 
     model, processor = hf_shapes
     captions = ["a red circle", "a blue square", "a green triangle", "a yellow square"]
-    results = _draw(shapes_engine, captions, 3.0, range(len(captions)), temperature=0.0)
+    results = draw(shapes_engine, captions, list(range(len(captions))), 3.0, temperature=0.0)
     for caption, result in zip(captions, results):
         cond, uncond = shapes_engine.image_generation_prompts(caption, 8, 8, NEGATIVE_PROMPT, POSITIVE_SUFFIX)
         ref = hf_generate_image_tokens(model, processor.tokenizer, cond, uncond, 8, 8, 3.0, shapes_engine.token_ids)
@@ -261,7 +231,7 @@ def test_greedy_understanding_matches_transformers(shapes_engine, hf_shapes):
     from emu3_vllm.testing.hf_reference import hf_understand
 
     model, processor = hf_shapes
-    fresh = shapes.samples(3, seed=UNDERSTANDING_SEED + 1)
+    fresh = shapes.samples(3, seed=SEEDS.understanding + 1)
     items = [(q, [s.image()]) for s in fresh for q in shapes.QUESTIONS]
     answers = shapes_engine.understand(items, max_new_tokens=24, use_tqdm=False)
     eos = processor.tokenizer.eos_token_id
