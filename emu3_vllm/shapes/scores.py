@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from emu3_vllm.layout import parse_image_tokens
 from emu3_vllm.shapes.world import (
     COLOUR_QUESTION,
     IMAGE_SIZE,
@@ -107,15 +108,10 @@ def score_understanding(engine, count: int, seed: int) -> dict[str, float]:
 
 
 def code_grids(engine, token_rows: list[list[int]]) -> list[list[list[int]]]:
-    """(h, w) code grids from the visual-token ids (with end-of-line columns) the engine's VQ encoder gave."""
-    code_of = {token: code for code, token in enumerate(engine.token_ids.visual)}
-    grids = []
-    for ids in token_rows:
-        rows = np.asarray(ids).reshape(GRID, GRID + 1)
-        if not (rows[:, -1] == engine.token_ids.eol).all():
-            raise AssertionError("a row of visual tokens does not end with end-of-line")
-        grids.append([[code_of[int(t)] for t in row[:-1]] for row in rows])
-    return grids
+    """(h, w) code grids from the visual-token ids (with end-of-line columns) the engine's VQ encoder gave: the
+    generated-image layout without its closing tokens."""
+    ids = engine.token_ids
+    return [parse_image_tokens([*row, ids.eof, ids.eoi, ids.eos], GRID, GRID, ids) for row in token_rows]
 
 
 def score_round_trip(engine, count: int, seed: int) -> dict[str, float]:
