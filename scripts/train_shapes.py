@@ -59,10 +59,11 @@ INK = 128  # a pixel is the shape's when its darkest channel is below this (as s
 PROTOTYPES = 84
 VQ = dict(embed_dim=16, latent_channels=16, base_channels=32, channel_multiplier=[1, 1, 1, 1], num_res_blocks=1,
           attn_resolutions=[], temporal_downsample_factor=1)
-# Text loss: cross-entropy weights. Guided terms are per scale; their gradients reach the unconditional half
+# Text loss: weights by the loss's name. Guided terms are per scale; their gradients reach the unconditional half
 # multiplied by s - 1, so small weights suffice.
 GUIDANCE = (3.0, 5.0)
-LOSS_WEIGHTS = {"cond": 0.8, "uncond": 0.2, "guided": 0.1, "answer": 1.0, "understanding": 0.5}
+LOSS_WEIGHTS = {"cond": 0.8, "uncond": 0.2, "guided_colour": 0.1, "guided_code": 0.02, "answer": 1.0,
+                "understanding": 0.5}
 SLIP_RATE = 0.08
 TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.02)
@@ -243,8 +244,11 @@ def encode_as_inference(vq, images: list, image_processor, vocab_mapping, batch:
     return torch.stack(out)
 
 
-def train_vq(vq, pixels, codes, protos, image_processor, mapping, samples, args, clock) -> dict:
-    """Decoder on the designed codes, encoder onto them, then the decoder on the codes the encoder gives."""
+def train_vq(vq, pixels, codes, protos, image_processor, mapping, samples, args, clock) -> tuple[dict, torch.Tensor]:
+    """Decoder on the designed codes, encoder onto them, then the decoder on the codes the encoder gives.
+
+    Returns the metrics and the training images' visual-token ids: the decoder's tuning leaves the encoder and
+    the codebook as they are, so these are the ids the finished VQ-VAE gives."""
     clock.start("vq decoder")
     with torch.no_grad():
         vq.quantize.embedding.weight.copy_(codebook_init(protos, vq.config.embed_dim))
@@ -268,8 +272,9 @@ def train_vq(vq, pixels, codes, protos, image_processor, mapping, samples, args,
                               batch=16, lr=5e-4, seed=args.seed + 1, codebook=False)
     assert torch.equal(frozen, vq.quantize.embedding.weight)  # the encoder's codes stay what they were
     clock.stop()
-    return {"decoder_mse": round(decoder_mse, 4), "encoder_loss": round(encoder_loss, 4),
-            "encoder_code_agreement": round(agreement, 4), "decoder_mse_on_encoder_codes": round(tuned_mse, 4)}
+    metrics = {"decoder_mse": round(decoder_mse, 4), "encoder_loss": round(encoder_loss, 4),
+               "encoder_code_agreement": round(agreement, 4), "decoder_mse_on_encoder_codes": round(tuned_mse, 4)}
+    return metrics, image_ids
 
 
 @torch.no_grad()
@@ -371,14 +376,18 @@ def train_text(lm, seqs: Sequences, image_ids: torch.Tensor, samples: list, *, s
     """Each step: `pairs` images, each continuing its caption's prompt and the negative prompt (the two halves of
     a CFG pair), and `und_batch` images with the three questions.
 
-    The generation loss is cross-entropy of the conditional half, of the unconditional half, and of the guided
-    distribution at each scale in `guidance` (the next code under `uncond + s * (cond - uncond)`). Trained by
-    maximum likelihood alone, the two halves disagree by noise on codes that neither should pick, and guidance
-    multiplies that noise into blocks of other colours. The guided terms teach the unconditional half to carry the
-    same noise, so that guidance cancels it. They do not reach the conditional half: it stays a maximum-likelihood
-    model, which is what cfg 1 samples (trained by the guided terms too, it leaves colour to guidance and draws
-    mixed colours alone). They ramp in over the first `guided_ramp` of the steps, once both halves predict
-    something.
+    The generation loss is cross-entropy of the conditional half, of the unconditional half, and two terms on the
+    guided distribution at each scale in `guidance` (the next code under `uncond + s * (cond - uncond)`). Trained
+    by maximum likelihood alone, the two halves disagree by noise on codes that neither should pick, and guidance
+    multiplies that noise into blocks of other colours and ragged edges. The guided terms teach the unconditional
+    half to carry the same noise, so that guidance cancels it:
+    - `guided_colour`: the probability the guided distribution gives the target code's colour (white, the
+      caption's colour, or a layout token), whichever code of that colour it picks;
+    - `guided_code`: the guided distribution's cross-entropy on the target code itself, with a small weight.
+    The colour term carries most of the weight because it asks the unconditional half for little: the weights
+    are shared, and a large code-level term slows how fast the conditional half learns edges. The guided terms do
+    not reach the conditional half directly (`cond.detach()`): it stays a maximum-likelihood model, which is what
+    cfg 1 samples. They ramp in over the first `guided_ramp` of the steps, once both halves predict something.
 
     A drawing's own slips stay in its context: a sampled code of another colour is read by every later step. So
     in the image the two halves read, a share `slip_rate` of the coloured codes have their colour swapped (same
@@ -388,6 +397,11 @@ def train_text(lm, seqs: Sequences, image_ids: torch.Tensor, samples: list, *, s
     rng = np.random.default_rng(seed)
     code_of_token = torch.full((lm.config.vocab_size,), -1, dtype=torch.long)
     code_of_token[code_ids] = torch.arange(len(code_ids))
+    # Colour of each token: 0 white, 1 + palette index for a coloured code, len(COLOURS) + 1 for the rest.
+    colour_of_token = torch.full((lm.config.vocab_size,), len(COLOURS) + 1, dtype=torch.long)
+    colour_of_token[code_ids] = torch.cat([torch.zeros(1, dtype=torch.long),
+                                           1 + torch.arange(len(code_ids) - 1) // per_colour])
+    colour_onehot = F.one_hot(colour_of_token, len(COLOURS) + 2).float()
     layouts = random.Random(seed)
     opt = torch.optim.AdamW(lm.parameters(), lr, betas=(0.9, 0.98), weight_decay=0.01)
     vocab = lm.config.vocab_size
@@ -414,9 +428,16 @@ def train_text(lm, seqs: Sequences, image_ids: torch.Tensor, samples: list, *, s
         def nll(x):
             return F.cross_entropy(x.reshape(-1, vocab), target)
 
+        def colour_nll(x):
+            # The probability the distribution gives the target's colour (white, a palette colour, or no code).
+            colour_probs = x.reshape(-1, vocab).softmax(-1) @ colour_onehot
+            return F.nll_loss(colour_probs.clamp_min(1e-12).log(), colour_of_token[target])
+
         losses = {"cond_image": nll(cond), "uncond_image": nll(uncond)}
         for scale in guidance:
-            losses[f"guided_{scale:g}"] = nll(guided_logits(cond.detach(), uncond, scale))
+            guided = guided_logits(cond.detach(), uncond, scale)
+            losses[f"guided_colour_{scale:g}"] = colour_nll(guided)
+            losses[f"guided_code_{scale:g}"] = nll(guided)
         return losses
 
     def understanding_loss(idx):
@@ -452,9 +473,8 @@ def train_text(lm, seqs: Sequences, image_ids: torch.Tensor, samples: list, *, s
         losses = generation_losses(rng.integers(0, len(samples), pairs))
         losses["answer"], losses["understanding_image"] = understanding_loss(rng.integers(0, len(samples), und_batch))
         ramp = min(1.0, step / max(1.0, guided_ramp * steps))
-        # Weights by the loss's first word: cond, uncond, guided, answer, understanding.
-        loss = sum(weights[name.split("_")[0]] * (ramp if name.startswith("guided_") else 1.0) * value
-                   for name, value in losses.items())
+        loss = sum(next(w for key, w in weights.items() if name.startswith(key))
+                   * (ramp if name.startswith("guided") else 1.0) * value for name, value in losses.items())
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
@@ -476,11 +496,12 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prototypes", type=int, default=PROTOTYPES, help="edge prototypes per colour")
     parser.add_argument("--images", type=int, default=12000, help="training images drawn from the world")
-    parser.add_argument("--decoder-crop-steps", type=int, default=1200)
+    parser.add_argument("--decoder-crop-steps", type=int, default=2000)
     parser.add_argument("--decoder-full-steps", type=int, default=0)
     parser.add_argument("--encoder-steps", type=int, default=400)
-    parser.add_argument("--decoder-tune-steps", type=int, default=600)
-    parser.add_argument("--text-steps", type=int, default=1400)
+    parser.add_argument("--decoder-tune-steps", type=int, default=800)
+    parser.add_argument("--text-steps", type=int, default=1450)
+    parser.add_argument("--text-lr", type=float, default=3e-3, help="text decoder peak learning rate")
     parser.add_argument("--pairs", type=int, default=24, help="CFG pairs (one image, both prompts) per text step")
     parser.add_argument("--vq-state", help="file keeping the trained VQ-VAE: loaded when it exists (to retrain only "
                         "the text decoder), written after training otherwise")
@@ -525,19 +546,19 @@ def main(argv=None) -> int:
         saved = torch.load(vq_state)
         vq.load_state_dict(saved["vq"])
         vq_metrics = saved["metrics"]
+        image_ids = saved.get("image_ids")
         clock.stages.update(saved["time"])  # what training it took, for the checkpoint's record
         log(f"VQ-VAE from {vq_state} (delete it to retrain)")
     else:
-        vq_metrics = train_vq(vq, pixels, codes, protos, image_processor, mapping, samples, args, clock)
+        vq_metrics, image_ids = train_vq(vq, pixels, codes, protos, image_processor, mapping, samples, args, clock)
         if vq_state is not None:
-            torch.save({"vq": vq.state_dict(), "metrics": vq_metrics,
+            torch.save({"vq": vq.state_dict(), "metrics": vq_metrics, "image_ids": image_ids,
                         "time": {k: v for k, v in clock.stages.items() if k.startswith("vq ")}}, vq_state)
     psnr = round_trip_psnr(vq, image_processor, shapes.samples(64, seed=args.seed + 2))
     log(f"  VQ round trip on 64 fresh images: PSNR mean {psnr[0]:.2f} dB, min {psnr[1]:.2f} dB")
     vq_metrics["fresh_round_trip_psnr_db"] = {"mean": round(psnr[0], 2), "min": round(psnr[1], 2)}
-    clock.start("encode")
-    image_ids = encode_as_inference(vq, [s.image() for s in samples], image_processor, mapping)
-    clock.stop()
+    if image_ids is None:  # a VQ state saved without them
+        image_ids = encode_as_inference(vq, [s.image() for s in samples], image_processor, mapping)
 
     text_config = config.text_config
     code_ids = torch.tensor([config.vocabulary_map[visual_token(code)] for code in range(codebook_size)])
@@ -557,7 +578,7 @@ def main(argv=None) -> int:
     else:
         clock.start("text decoder")
         text_losses = train_text(lm, Sequences(processor), image_ids, samples, steps=args.text_steps,
-                                 pairs=args.pairs, und_batch=8, lr=3e-3, seed=args.seed, guidance=GUIDANCE,
+                                 pairs=args.pairs, und_batch=8, lr=args.text_lr, seed=args.seed, guidance=GUIDANCE,
                                  weights=LOSS_WEIGHTS, guided_ramp=0.2, slip_rate=SLIP_RATE,
                                  per_colour=args.prototypes + 1, code_ids=code_ids)
         clock.stop()

@@ -25,15 +25,14 @@ from emu3_vllm.shapes.trained import shapes_checkpoint
 SEEDS = SeedSet(7000)  # every picture and drawing seed derives from this (scripts/score_shapes.py adds more sets)
 SIZE = 64
 # Bars: what the checkpoint scored on this seed set and on a second one (scripts/score_shapes.py, the README's
-# table), less the spread between the two. With hashed sampling noise a seed draws the same image on any run, so
-# the margin is for other seeds' luck and for other hardware's rounding, not for this run's. cfg 3's shape bar
-# stays the previous checkpoint's 0.8, which these seeds clear (0.83) by less than the spread.
-CFG3_BARS = {"colour": 0.95, "shape": 0.8, "off_colour": 0.05}  # scored 1.00 / 0.83-0.90 / 3.0-3.2 %
-CFG5_BARS = {"shape": 0.7, "off_colour": 0.06}  # scored 0.78-0.85 / 4.0-4.1 %
-CFG1_BARS = {"colour": 0.95, "shape": 0.65}  # scored 1.00 / 0.72-0.75
-UNDERSTANDING_BAR = 0.95  # scored 0.98-1.00 on each question
-PSNR_MIN_BAR, PSNR_MEAN_BAR = 22.0, 25.0  # worst of 24 scored 22.8-23.2 dB, mean 25.8-26.9 dB
-VISUAL_COT_BAR = 0.85  # scored 0.94 (17 of 18)
+# table), less the spread between the two and a margin. With hashed sampling noise a seed draws the same image on
+# any run, so the margin is for other seeds' luck and for other hardware's rounding, not for this run's.
+CFG3_BARS = {"colour": 0.95, "shape": 0.85, "off_colour": 0.05}  # scored 1.00 / 0.89-0.92 / 2.8-3.6 %
+CFG5_BARS = {"shape": 0.72, "off_colour": 0.065}  # scored 0.78-0.82 / 3.2-5.1 %
+CFG1_BARS = {"colour": 0.95, "shape": 0.78}  # scored 0.99-1.00 / 0.85-0.89
+UNDERSTANDING_BAR = 0.95  # scored 0.97-1.00 on each question
+PSNR_MIN_BAR, PSNR_MEAN_BAR = 23.5, 26.0  # worst of 24 scored 24.4 dB, mean 26.8-27.9 dB
+VISUAL_COT_BAR = 0.85  # scored 0.94-1.00 (17-18 of 18)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -223,7 +222,10 @@ def test_greedy_generation_matches_transformers(shapes_engine, hf_shapes):
         cond, uncond = shapes_engine.image_generation_prompts(caption, 8, 8, NEGATIVE_PROMPT, POSITIVE_SUFFIX)
         ref = hf_generate_image_tokens(model, processor.tokenizer, cond, uncond, 8, 8, 3.0, shapes_engine.token_ids)
         assert parse_image_tokens(ref, 8, 8, shapes_engine.token_ids) == result.codes, caption
-        assert shapes.classify(result.image)[0] == caption.split()[1]  # greedy guidance keeps the colour
+    # Greedy guidance keeps the colour where it draws a shape. It may draw none: white can be likelier than any
+    # one of the places a shape could start, and then every row stays white.
+    read = {caption: shapes.classify(result.image)[0] for caption, result in zip(captions, results)}
+    assert all(colour in (None, caption.split()[1]) for caption, colour in read.items()), read
 
 
 @pytest.mark.engine
