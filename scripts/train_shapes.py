@@ -510,6 +510,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="storage dtype of the weights (transformers and vLLM upcast bf16 for fp32 runs)")
     args = parser.parse_args(argv)
+    if not 0 < args.text_lr <= 1:
+        parser.error(f"--text-lr: expected a learning rate in (0, 1], got {args.text_lr}")
 
     from transformers import Emu3Config, Emu3ForConditionalGeneration, Emu3Processor, GenerationConfig
     from transformers.models.emu3.modeling_emu3 import Emu3ForCausalLM, Emu3ImageVocabularyMapping, Emu3VQVAE
