@@ -500,7 +500,7 @@ def main(argv=None) -> int:
     parser.add_argument("--decoder-full-steps", type=int, default=0)
     parser.add_argument("--encoder-steps", type=int, default=400)
     parser.add_argument("--decoder-tune-steps", type=int, default=800)
-    parser.add_argument("--text-steps", type=int, default=1450)
+    parser.add_argument("--text-steps", type=int, default=1350)
     parser.add_argument("--text-lr", type=float, default=3e-3, help="text decoder peak learning rate")
     parser.add_argument("--pairs", type=int, default=24, help="CFG pairs (one image, both prompts) per text step")
     parser.add_argument("--vq-state", help="file keeping the trained VQ-VAE: loaded when it exists (to retrain only "
