@@ -168,14 +168,19 @@ def head_size(model: str) -> int | None:
     return None
 
 
+def cpu_holds_fp8_kv() -> bool:
+    """Whether vLLM's CPU attention can store an FP8 KV cache on this CPU: its FP8 kernels need AVX-512 or AMX."""
+    import torch
+
+    return bool(torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def check_kv_cache(model: str, kv_cache_dtype: Any) -> None:
     """An FP8 KV cache that vLLM's CPU attention would refuse only inside the started engine (a traceback from its
     worker), refused now in one line: it needs AVX-512 or AMX, and a head size divisible by 32."""
     if not isinstance(kv_cache_dtype, str) or not kv_cache_dtype.startswith("fp8") or not on_cpu():
         return
-    import torch
-
-    if not (torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()):
+    if not cpu_holds_fp8_kv():
         raise ValueError(f"kv_cache_dtype {kv_cache_dtype}: vLLM stores an FP8 KV cache on a CPU only with AVX-512 or "
                          "AMX, and this CPU has neither; leave kv_cache_dtype at auto")
     size = head_size(model)

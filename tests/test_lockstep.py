@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from helpers.engines import ENGINE_KWARGS
+from helpers.engines import ENGINE_KWARGS, needs_fp8_kv
 
 pytestmark = pytest.mark.engine
 
@@ -75,6 +75,7 @@ def test_async_pair_scheduler_gives_the_same_images(checkpoints, engine_factory)
     assert [r.codes for r in results] == [r.codes for r in reference]
 
 
+@needs_fp8_kv
 def test_fp8_kv_cache_keeps_pairs_whole_under_kv_pressure_and_a_seed_draws_its_image_in_any_crowd(checkpoints):
     """The same KV-starved cache as above, in FP8: whole pairs are preempted and resumed, and each seed gives
     the same image in the crowd as alone (FP8 rounding changes which codes a seed draws against auto, never whether

@@ -192,16 +192,24 @@ def test_engine_arguments_are_checked_by_name_and_type_before_an_engine_starts()
 
 
 def test_an_fp8_kv_cache_the_cpu_attention_cannot_hold_is_refused_before_an_engine_starts(tmp_path):
-    """vLLM's CPU attention stores FP8 KV only for head sizes divisible by 32; it would say so from inside the
-    started engine's worker. Here the answer is one line before anything starts."""
+    """vLLM's CPU attention stores FP8 KV only with AVX-512 or AMX, and only for head sizes divisible by 32; it
+    would say so from inside the started engine's worker. Here the answer is one line before anything starts."""
     from emu3_vllm import Emu3, make_random_checkpoint
-    from emu3_vllm.engine import check_kv_cache, head_size
+    from emu3_vllm.engine import check_kv_cache, cpu_holds_fp8_kv, head_size
 
     odd = make_random_checkpoint(tmp_path / "h48", size="tiny", hidden_size=144, num_attention_heads=3,
                                  num_key_value_heads=1, write_weights=False)
-    assert head_size(str(odd)) == 48
-    with pytest.raises(ValueError, match="head size divisible by 32 for an FP8 KV cache, and .* has 48"):
-        Emu3(odd, kv_cache_dtype="fp8")
+    even = make_random_checkpoint(tmp_path / "h64", size="tiny", write_weights=False)
+    assert head_size(str(odd)) == 48 and head_size(str(even)) % 32 == 0
+    if cpu_holds_fp8_kv():
+        with pytest.raises(ValueError, match="head size divisible by 32 for an FP8 KV cache, and .* has 48"):
+            Emu3(odd, kv_cache_dtype="fp8")
+        check_kv_cache(str(even), "fp8")
+    else:  # this CPU: whatever the model, the CPU is the reason
+        for model in (odd, even):
+            with pytest.raises(ValueError, match="kv_cache_dtype fp8: .* only with AVX-512 or AMX, and this CPU has "
+                                                 "neither; leave kv_cache_dtype at auto"):
+                Emu3(model, kv_cache_dtype="fp8")
     check_kv_cache(str(odd), "auto")  # the model's own dtype needs nothing
     with pytest.raises(ValueError, match="kv_cache_dtype: Input should be"):
         Emu3(odd, kv_cache_dtype="fp9")

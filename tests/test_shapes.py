@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.engines import needs_fp8_kv
 
 from emu3_vllm import shapes
 from emu3_vllm.shapes.scores import SeedSet, ask, draw, drawing_scores, drawing_seeds, score_all
@@ -146,6 +147,7 @@ FP8_PICTURES_SEED = 1008
 
 
 @pytest.mark.engine
+@needs_fp8_kv
 def test_an_fp8_kv_cache_draws_and_answers_as_well_as_the_model_dtype_one():
     """bf16 weights (as on a GPU), the KV cache in bf16 ("auto") and in fp8: drawings (18 captions x 16 seeds at cfg
     3) and answers about 30 fresh pictures score within 0.05 of each other. Rounding the cache changes samples, so

@@ -21,6 +21,17 @@ except ImportError:  # pragma: no cover
     pass
 
 
+def needs_fp8_kv(test):
+    """Skips `test` where vLLM cannot hold an FP8 KV cache on this CPU (no AVX-512 or AMX); there the front ends'
+    one-line refusal is what `test_settings.py` checks."""
+    import pytest
+
+    from emu3_vllm.engine import cpu_holds_fp8_kv, on_cpu
+
+    return pytest.mark.skipif(on_cpu() and not cpu_holds_fp8_kv(),
+                              reason="vLLM keeps an FP8 KV cache on a CPU only with AVX-512 or AMX")(test)
+
+
 def random_image(height: int, width: int, seed: int = 0):
     from PIL import Image
 
