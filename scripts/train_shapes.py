@@ -550,18 +550,21 @@ def main(argv=None) -> int:
         saved = torch.load(vq_state)
         vq.load_state_dict(saved["vq"])
         vq_metrics = saved["metrics"]
-        image_ids = saved.get("image_ids")
+        # The saved ids are those of the images the VQ-VAE was trained with; another --seed or --images draws
+        # other images, whose ids this VQ-VAE must give afresh.
+        image_ids = saved.get("image_ids") if saved.get("samples") == [args.seed + 1, args.images] else None
         clock.stages.update(saved["time"])  # what training it took, for the checkpoint's record
         log(f"VQ-VAE from {vq_state} (delete it to retrain)")
     else:
         vq_metrics, image_ids = train_vq(vq, pixels, codes, protos, image_processor, mapping, samples, args, clock)
         if vq_state is not None:
             torch.save({"vq": vq.state_dict(), "metrics": vq_metrics, "image_ids": image_ids,
+                        "samples": [args.seed + 1, args.images],
                         "time": {k: v for k, v in clock.stages.items() if k.startswith("vq ")}}, vq_state)
     psnr = round_trip_psnr(vq, image_processor, shapes.samples(64, seed=args.seed + 2))
     log(f"  VQ round trip on 64 fresh images: PSNR mean {psnr[0]:.2f} dB, min {psnr[1]:.2f} dB")
     vq_metrics["fresh_round_trip_psnr_db"] = {"mean": round(psnr[0], 2), "min": round(psnr[1], 2)}
-    if image_ids is None:  # a VQ state saved without them
+    if image_ids is None:  # a VQ state saved without them, or for other images
         image_ids = encode_as_inference(vq, [s.image() for s in samples], image_processor, mapping)
 
     text_config = config.text_config
