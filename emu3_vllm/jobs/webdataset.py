@@ -45,6 +45,7 @@ from typing import Any
 
 from emu3_vllm.cfg_pairs import ImageSpec
 from emu3_vllm.jobs.files import OutputError, WriteError, file_sha256, model_identity, png_bytes, prepare_folder
+from emu3_vllm.jobs.files import intact as file_intact
 from emu3_vllm.jobs.image_folder import MANIFEST
 from emu3_vllm.jobs.job import JobItem, Plan
 from emu3_vllm.settings import IMAGE_FIELDS, field_kind
@@ -324,14 +325,12 @@ class WebdatasetSink:
         return stats if isinstance(stats, dict) and stats.get("format") == SHARD_FORMAT else None
 
     def intact(self, stats: dict) -> bool:
+        """Whether every file a finished shard's stats name still has the size and hash they give it."""
         try:
-            for info in stats["files"].values():
-                path = self.out / info["name"]
-                if path.stat().st_size != info["bytes"] or file_sha256(path) != info["sha256"]:
-                    return False
-        except (OSError, KeyError, TypeError, AttributeError):
+            return all(file_intact(self.out / info["name"], info["bytes"], info["sha256"])
+                       for info in stats["files"].values())
+        except (KeyError, TypeError, AttributeError):  # stats of another shape
             return False
-        return True
 
     def manifest(self, shard: int) -> dict[int, dict]:
         """The manifest rows of a finished shard by index (empty if it cannot be read)."""
