@@ -282,26 +282,26 @@ def train_vq(vq, pixels, codes, protos, image_processor, mapping, samples, args,
     # The decoder then learns to draw the codes the encoder actually gives (whole images, lower rate): where the
     # encoder picks a neighbouring prototype, the decoder learns what that code stands for in practice.
     clock.start("vq decoder on encoder codes")
-    frozen = vq.quantize.embedding.weight.detach().clone()
-    tuned_mse = train_decoder(vq, pixels, encoded, image_processor, crop_steps=0, full_steps=args.decoder_tune_steps,
-                              batch=16, lr=5e-4, seed=args.seed + 1, codebook=False)
-    assert torch.equal(frozen, vq.quantize.embedding.weight)  # the encoder's codes stay what they were
+    tuned_mse = decoder_on_encoder_codes(vq, pixels, image_ids, image_processor, mapping,
+                                         steps=args.decoder_tune_steps, lr=5e-4, seed=args.seed + 1)
     clock.stop()
     metrics = {"decoder_mse": round(decoder_mse, 4), "encoder_loss": round(encoder_loss, 4),
                "encoder_code_agreement": round(agreement, 4), "decoder_mse_on_encoder_codes": round(tuned_mse, 4)}
     return metrics, image_ids
 
 
-def polish_decoder(vq, pixels, image_ids, image_processor, mapping, *, steps: int, seed: int) -> float:
-    """A second decoder cycle on the encoder's codes, at a lower peak rate than the first: the tuned decoder still
-    gains about 0.75 dB of round-trip PSNR from it, and drawings lose a quarter or more of their off-colour pixels.
+def decoder_on_encoder_codes(vq, pixels, image_ids, image_processor, mapping, *, steps: int, lr: float,
+                             seed: int) -> float:
+    """The decoder (whole images) learns to draw the codes the encoder gives, `image_ids` as visual-token ids.
 
     The encoder and the codebook stay as they are, so `image_ids` (the visual tokens the text decoder learns)
-    are still the ones this VQ-VAE gives, and the text decoder's training does not depend on this stage."""
+    are still the ones this VQ-VAE gives, and the text decoder's training does not depend on this stage. It runs
+    twice: tuning after the encoder is trained, then a polish at a lower peak rate, from which the tuned decoder
+    still gains about 0.75 dB of round-trip PSNR, and drawings lose a quarter or more of their off-colour pixels."""
     encoded = mapping.convert_bpe2img(image_ids.reshape(-1, GRID, GRID + 1)).long()
     frozen = {n: p.detach().clone() for n, p in vq.named_parameters()
               if n.startswith(("encoder.", "quant_conv.", "quantize."))}  # what gives the visual tokens
-    mse = train_decoder(vq, pixels, encoded, image_processor, crop_steps=0, full_steps=steps, batch=16, lr=3e-4,
+    mse = train_decoder(vq, pixels, encoded, image_processor, crop_steps=0, full_steps=steps, batch=16, lr=lr,
                         seed=seed, codebook=False)
     assert all(torch.equal(p, frozen[n]) for n, p in vq.named_parameters() if n in frozen)
     return mse
@@ -597,9 +597,9 @@ def main(argv=None) -> int:
         image_ids = encode_as_inference(vq, [s.image() for s in samples], image_processor, mapping)
     if args.decoder_polish_steps:
         clock.start("vq decoder polish")
-        vq_metrics["decoder_mse_polished"] = round(polish_decoder(vq, pixels, image_ids, image_processor, mapping,
-                                                                  steps=args.decoder_polish_steps,
-                                                                  seed=args.seed + 2), 4)
+        vq_metrics["decoder_mse_polished"] = round(decoder_on_encoder_codes(
+            vq, pixels, image_ids, image_processor, mapping, steps=args.decoder_polish_steps, lr=3e-4,
+            seed=args.seed + 2), 4)
         clock.stop()
     psnr = round_trip_psnr(vq, image_processor, shapes.samples(64, seed=args.seed + 2))
     log(f"  VQ round trip on 64 fresh images: PSNR mean {psnr[0]:.2f} dB, min {psnr[1]:.2f} dB")
