@@ -544,6 +544,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not 0 < args.text_lr <= 1:
         parser.error(f"--text-lr: expected a learning rate in (0, 1], got {args.text_lr}")
+    for flag in ("decoder_crop_steps", "decoder_full_steps", "encoder_steps", "decoder_tune_steps",
+                 "decoder_polish_steps", "text_steps"):
+        if getattr(args, flag) < 0:
+            parser.error(f"--{flag.replace('_', '-')}: expected a step count of 0 or more, got {getattr(args, flag)}")
 
     from transformers import Emu3Config, Emu3ForConditionalGeneration, Emu3Processor, GenerationConfig
     from transformers.models.emu3.modeling_emu3 import Emu3ForCausalLM, Emu3ImageVocabularyMapping, Emu3VQVAE

@@ -49,3 +49,11 @@ def test_a_staged_run_equals_a_run_from_scratch_and_the_polish_touches_only_the_
     assert before.keys() == after.keys()
     changed = {name for name in before if not before[name].equal(after[name])}
     assert changed and all(name.startswith(DECODER) for name in changed), sorted(changed)[:5]
+
+
+def test_a_negative_step_count_is_refused_naming_its_flag(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "out"), "--decoder-polish-steps", "-1"],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "--decoder-polish-steps: expected a step count of 0 or more, got -1" in proc.stderr
+    assert not (tmp_path / "out").exists()
