@@ -137,12 +137,24 @@ def cover_prototypes(covers: torch.Tensor, count: int, seed: int, iters: int = 3
     return torch.cat([torch.zeros(1, 64), torch.ones(1, 64), centres])
 
 
+def coloured_code(colour: torch.Tensor, cover: torch.Tensor, per_colour: int) -> torch.Tensor:
+    """The code of a patch in palette colour `colour` with cover `cover` (0 full, 1.. edge prototypes); code 0
+    is the white patch."""
+    return 1 + colour * per_colour + cover
+
+
+def code_colour_and_cover(code: torch.Tensor, per_colour: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of `coloured_code`, for codes above 0."""
+    return (code - 1) // per_colour, (code - 1) % per_colour
+
+
 def designed_codes(covers: torch.Tensor, colour_index: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
-    """[N, 8, 8] codes: 0 for a white patch, else 1 + colour * (P + 1) + (0 for full, 1.. for edge prototypes)."""
+    """[N, 8, 8] codes: 0 for a white patch, else the coloured code of its colour and nearest cover prototype."""
     per_colour = protos.shape[0] - 1
     n = covers.shape[0]
     nearest = torch.cdist(covers.reshape(n, -1, 64), protos.expand(n, -1, -1)).argmin(-1)
-    codes = torch.where(nearest == 0, torch.zeros_like(nearest), 1 + colour_index[:, None] * per_colour + nearest - 1)
+    codes = torch.where(nearest == 0, torch.zeros_like(nearest),
+                        coloured_code(colour_index[:, None], nearest - 1, per_colour))
     return codes.reshape(n, GRID, GRID)
 
 
@@ -421,7 +433,7 @@ def train_text(lm, seqs: Sequences, image_ids: torch.Tensor, samples: list, *, s
 
     A drawing's own slips stay in its context: a sampled code of another colour is read by every later step. So
     in the image the two halves read, a share `slip_rate` of the coloured codes have their colour swapped (same
-    cover, other colour; `code_ids[code]` is a code's token, codes are `1 + colour * per_colour + cover`), while
+    cover, other colour; `code_ids[code]` is a code's token, codes as `coloured_code` numbers them), while
     the codes they must predict stay the clean image's: both learn to carry on in the caption's colour after a
     slip. Covers stay exact, so edges are still drawn from the rows above."""
     rng = np.random.default_rng(seed)
@@ -429,8 +441,8 @@ def train_text(lm, seqs: Sequences, image_ids: torch.Tensor, samples: list, *, s
     code_of_token[code_ids] = torch.arange(len(code_ids))
     # Colour of each token: 0 white, 1 + palette index for a coloured code, len(COLOURS) + 1 for the rest.
     colour_of_token = torch.full((lm.config.vocab_size,), len(COLOURS) + 1, dtype=torch.long)
-    colour_of_token[code_ids] = torch.cat([torch.zeros(1, dtype=torch.long),
-                                           1 + torch.arange(len(code_ids) - 1) // per_colour])
+    codes = torch.arange(len(code_ids))
+    colour_of_token[code_ids] = torch.where(codes > 0, 1 + code_colour_and_cover(codes, per_colour)[0], 0)
     colour_onehot = F.one_hot(colour_of_token, len(COLOURS) + 2).float()
     layouts = random.Random(seed)
     opt = torch.optim.AdamW(lm.parameters(), lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -448,9 +460,9 @@ def train_text(lm, seqs: Sequences, image_ids: torch.Tensor, samples: list, *, s
         read = suffix.clone()  # both halves read the same slips, as both read the same sampled codes
         code = code_of_token[read]
         slips = (code > 0) & torch.from_numpy(rng.random(read.shape) < slip_rate)
-        colour, cover = (code[slips] - 1) // per_colour, (code[slips] - 1) % per_colour
+        colour, cover = code_colour_and_cover(code[slips], per_colour)
         other = (colour + torch.from_numpy(rng.integers(1, len(COLOURS), len(colour)))) % len(COLOURS)
-        read[slips] = code_ids[1 + other * per_colour + cover]
+        read[slips] = code_ids[coloured_code(other, cover, per_colour)]
         _, logits = shared_prefix_logits(lm, prefixes, pidx, torch.cat([read, read]), seqs.pad)
         cond, uncond = logits[:, :-1].chunk(2)
         target = suffix[:, 1:].reshape(-1)
