@@ -127,6 +127,8 @@ def cover_prototypes(covers: torch.Tensor, count: int, seed: int, iters: int = 3
     """[2 + count, 64]: empty, full, then k-means centres of the partly covered patches."""
     flat = covers.reshape(-1, 64)
     edge = flat[(flat.sum(1) > 0) & (flat.sum(1) < 64)]
+    if len(edge) < count:
+        raise ValueError(f"the images have {len(edge)} partly covered patches, fewer than the {count} prototypes")
     g = torch.Generator().manual_seed(seed)
     centres = edge[torch.randperm(len(edge), generator=g)[:count]].clone()
     for _ in range(iters):
@@ -531,22 +533,39 @@ def train_text(lm, seqs: Sequences, image_ids: torch.Tensor, samples: list, *, s
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def step_count(text: str) -> int:
+    """argparse type of a stage's step count: 0 skips the stage."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a step count of 0 or more, got {value}")
+    return value
+
+
+def positive_count(text: str) -> int:
+    """argparse type of a count the recipe divides by or draws from (threads, images, prototypes, pairs)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a count of 1 or more, got {value}")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(REPO / "emu3_vllm" / "shapes" / "checkpoint"))
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=positive_count, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--prototypes", type=int, default=PROTOTYPES, help="edge prototypes per colour")
-    parser.add_argument("--images", type=int, default=12000, help="training images drawn from the world")
-    parser.add_argument("--decoder-crop-steps", type=int, default=2000)
-    parser.add_argument("--decoder-full-steps", type=int, default=0)
-    parser.add_argument("--encoder-steps", type=int, default=400)
-    parser.add_argument("--decoder-tune-steps", type=int, default=800)
-    parser.add_argument("--decoder-polish-steps", type=int, default=1600,
+    parser.add_argument("--prototypes", type=positive_count, default=PROTOTYPES, help="edge prototypes per colour")
+    parser.add_argument("--images", type=positive_count, default=12000, help="training images drawn from the world")
+    parser.add_argument("--decoder-crop-steps", type=step_count, default=2000)
+    parser.add_argument("--decoder-full-steps", type=step_count, default=0)
+    parser.add_argument("--encoder-steps", type=step_count, default=400)
+    parser.add_argument("--decoder-tune-steps", type=step_count, default=800)
+    parser.add_argument("--decoder-polish-steps", type=step_count, default=1600,
                         help="a last decoder cycle at a lower rate; it runs after a VQ state is loaded too")
-    parser.add_argument("--text-steps", type=int, default=1350)
+    parser.add_argument("--text-steps", type=step_count, default=1350)
     parser.add_argument("--text-lr", type=float, default=3e-3, help="text decoder peak learning rate")
-    parser.add_argument("--pairs", type=int, default=24, help="CFG pairs (one image, both prompts) per text step")
+    parser.add_argument("--pairs", type=positive_count, default=24,
+                        help="CFG pairs (one image, both prompts) per text step")
     parser.add_argument("--vq-state", help="file keeping the trained VQ-VAE: loaded when it exists (to retrain only "
                         "the text decoder), written after training otherwise")
     parser.add_argument("--text-state", help="file keeping the trained text decoder (and the visual tokens it "
@@ -556,10 +575,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not 0 < args.text_lr <= 1:
         parser.error(f"--text-lr: expected a learning rate in (0, 1], got {args.text_lr}")
-    for flag in ("decoder_crop_steps", "decoder_full_steps", "encoder_steps", "decoder_tune_steps",
-                 "decoder_polish_steps", "text_steps"):
-        if getattr(args, flag) < 0:
-            parser.error(f"--{flag.replace('_', '-')}: expected a step count of 0 or more, got {getattr(args, flag)}")
 
     from transformers import Emu3Config, Emu3ForConditionalGeneration, Emu3Processor, GenerationConfig
     from transformers.models.emu3.modeling_emu3 import Emu3ForCausalLM, Emu3ImageVocabularyMapping, Emu3VQVAE
@@ -575,6 +590,17 @@ def main(argv=None) -> int:
     clock = Clock()
     codebook_size = 1 + len(COLOURS) * (args.prototypes + 1)
 
+    clock.start("world")
+    samples = shapes.samples(args.images, seed=args.seed + 1)
+    pixels = world_pixels(samples)
+    covers = patch_covers(pixels)
+    try:
+        protos = cover_prototypes(covers, args.prototypes, seed=args.seed)
+    except ValueError as e:
+        parser.error(f"--images {args.images} with --prototypes {args.prototypes}: {e}")
+    codes = designed_codes(covers, torch.tensor([COLOURS.index(s.colour) for s in samples]), protos)
+    clock.stop()
+
     # The checkpoint's config, tokenizer and processor come from the same builder as every checkpoint here.
     work = Path(tempfile.mkdtemp(prefix="emu3_shapes_"))
     skeleton = make_random_checkpoint(work / "ckpt", size="tiny", seed=args.seed, write_weights=False,
@@ -582,14 +608,6 @@ def main(argv=None) -> int:
     config = Emu3Config.from_pretrained(skeleton)
     processor = Emu3Processor.from_pretrained(skeleton)
     image_processor = processor.image_processor
-
-    clock.start("world")
-    samples = shapes.samples(args.images, seed=args.seed + 1)
-    pixels = world_pixels(samples)
-    covers = patch_covers(pixels)
-    protos = cover_prototypes(covers, args.prototypes, seed=args.seed)
-    codes = designed_codes(covers, torch.tensor([COLOURS.index(s.colour) for s in samples]), protos)
-    clock.stop()
 
     mapping = Emu3ImageVocabularyMapping(config.vocabulary_map)
     vq = Emu3VQVAE(config.vq_config)

@@ -51,9 +51,13 @@ def test_a_staged_run_equals_a_run_from_scratch_and_the_polish_touches_only_the_
     assert changed and all(name.startswith(DECODER) for name in changed), sorted(changed)[:5]
 
 
-def test_a_negative_step_count_is_refused_naming_its_flag(tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "out"), "--decoder-polish-steps", "-1"],
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--decoder-polish-steps", "-1", "expected a step count of 0 or more, got -1"),
+    ("--pairs", "0", "expected a count of 1 or more, got 0"),
+])
+def test_a_bad_count_is_refused_naming_its_flag(tmp_path, flag, value, message):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "out"), flag, value],
                           env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "--decoder-polish-steps: expected a step count of 0 or more, got -1" in proc.stderr
+    assert f"{flag}: {message}" in proc.stderr
     assert not (tmp_path / "out").exists()
