@@ -26,6 +26,8 @@ deterministic (fixed seeds, fixed thread count, fixed step counts) and runs on a
    Images embed as the text-embedding lookup of their visual-token ids, which is what transformers and vLLM do at
    inference. Sequences that share a prefix (the 18 captions' prompts, the negative prompt, one image's span for
    its three questions) run it once per step: the prefix's keys and values are gathered for every continuation.
+   A second, shorter cycle at a lower rate polishes it, reading shape slips too; like the VQ decoder's polish,
+   it runs after a loaded state, so it can be added to a trained text decoder.
 """
 
 from __future__ import annotations
@@ -68,6 +70,11 @@ GUIDANCE = (3.0, 5.0)
 LOSS_WEIGHTS = {"cond": 0.8, "uncond": 0.2, "guided_colour": 0.1, "guided_code": 0.02, "answer": 1.0,
                 "understanding": 0.5}
 SLIP_RATE = 0.08
+# The text decoder's polish: a second cycle at a lower rate, in which this share of the coloured codes it reads
+# take one of the NEAR_COVERS covers nearest their own (see `train_text`).
+TEXT_POLISH_LR = 1e-3
+COVER_SLIP_RATE = 0.06
+NEAR_COVERS = 3
 TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.02)
 
@@ -158,6 +165,15 @@ def designed_codes(covers: torch.Tensor, colour_index: torch.Tensor, protos: tor
     codes = torch.where(nearest == 0, torch.zeros_like(nearest),
                         coloured_code(colour_index[:, None], nearest - 1, per_colour))
     return codes.reshape(n, GRID, GRID)
+
+
+def nearest_covers(protos: torch.Tensor, count: int) -> torch.Tensor:
+    """[covers, count]: each cover's `count` nearest other covers, numbered as `coloured_code` numbers them (0 full,
+    1.. edge prototypes; `protos` also holds the empty cover first)."""
+    covers = protos[1:]
+    distance = torch.cdist(covers, covers)
+    distance.fill_diagonal_(float("inf"))
+    return distance.argsort(1)[:, :count]
 
 
 def codebook_init(protos: torch.Tensor, dim: int) -> torch.Tensor:
@@ -416,7 +432,8 @@ def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> tor
 
 def train_text(lm, seqs: Sequences, image_ids: torch.Tensor, samples: list, *, steps: int, pairs: int,
                und_batch: int, lr: float, seed: int, guidance: tuple[float, ...], weights: dict[str, float],
-               guided_ramp: float, code_ids: torch.Tensor, per_colour: int, slip_rate: float) -> dict[str, float]:
+               guided_ramp: float, code_ids: torch.Tensor, per_colour: int, slip_rate: float,
+               near_covers: torch.Tensor, cover_slip_rate: float) -> dict[str, float]:
     """Each step: `pairs` images, each continuing its caption's prompt and the negative prompt (the two halves of
     a CFG pair), and `und_batch` images with the three questions.
 
@@ -433,11 +450,16 @@ def train_text(lm, seqs: Sequences, image_ids: torch.Tensor, samples: list, *, s
     not reach the conditional half directly (`cond.detach()`): it stays a maximum-likelihood model, which is what
     cfg 1 samples. They ramp in over the first `guided_ramp` of the steps, once both halves predict something.
 
-    A drawing's own slips stay in its context: a sampled code of another colour is read by every later step. So
-    in the image the two halves read, a share `slip_rate` of the coloured codes have their colour swapped (same
-    cover, other colour; `code_ids[code]` is a code's token, codes as `coloured_code` numbers them), while
-    the codes they must predict stay the clean image's: both learn to carry on in the caption's colour after a
-    slip. Covers stay exact, so edges are still drawn from the rows above."""
+    A drawing's own slips stay in its context: a sampled code is read by every later step. So the image the two
+    halves read has slips, while the codes they must predict stay the clean image's:
+    - a share `slip_rate` of the coloured codes have their colour swapped (same cover, other colour;
+      `code_ids[code]` is a code's token, codes as `coloured_code` numbers them): both halves learn to carry on
+      in the caption's colour;
+    - then a share `cover_slip_rate` take one of their cover's nearest others (`near_covers[cover]`, same
+      colour): a corner a little rounded, a side a little bent. Both halves learn to carry on in the caption's
+      shape rather than the one the slip starts. A random other cover would be no slip a drawing makes, and
+      costs shape scores. The polish reads these; the first cycle does not (a run reading them from the start
+      drew no better)."""
     rng = np.random.default_rng(seed)
     code_of_token = torch.full((lm.config.vocab_size,), -1, dtype=torch.long)
     code_of_token[code_ids] = torch.arange(len(code_ids))
@@ -465,6 +487,12 @@ def train_text(lm, seqs: Sequences, image_ids: torch.Tensor, samples: list, *, s
         colour, cover = code_colour_and_cover(code[slips], per_colour)
         other = (colour + torch.from_numpy(rng.integers(1, len(COLOURS), len(colour)))) % len(COLOURS)
         read[slips] = code_ids[coloured_code(other, cover, per_colour)]
+        if cover_slip_rate:
+            code = code_of_token[read]
+            slips = (code > 0) & torch.from_numpy(rng.random(read.shape) < cover_slip_rate)
+            colour, cover = code_colour_and_cover(code[slips], per_colour)
+            near = near_covers[cover, torch.from_numpy(rng.integers(0, near_covers.shape[1], len(cover)))]
+            read[slips] = code_ids[coloured_code(colour, near, per_colour)]
         _, logits = shared_prefix_logits(lm, prefixes, pidx, torch.cat([read, read]), seqs.pad)
         cond, uncond = logits[:, :-1].chunk(2)
         target = suffix[:, 1:].reshape(-1)
@@ -516,7 +544,7 @@ def train_text(lm, seqs: Sequences, image_ids: torch.Tensor, samples: list, *, s
             group["lr"] = cosine_lr(lr, step, steps, warmup=50)
         losses = generation_losses(rng.integers(0, len(samples), pairs))
         losses["answer"], losses["understanding_image"] = understanding_loss(rng.integers(0, len(samples), und_batch))
-        ramp = min(1.0, step / max(1.0, guided_ramp * steps))
+        ramp = min(1.0, step / max(1.0, guided_ramp * steps)) if guided_ramp else 1.0
         loss = sum(next(w for key, w in weights.items() if name.startswith(key))
                    * (ramp if name.startswith("guided") else 1.0) * value for name, value in losses.items())
         opt.zero_grad()
@@ -563,6 +591,9 @@ def main(argv=None) -> int:
     parser.add_argument("--decoder-polish-steps", type=step_count, default=1600,
                         help="a last decoder cycle at a lower rate; it runs after a VQ state is loaded too")
     parser.add_argument("--text-steps", type=step_count, default=1350)
+    parser.add_argument("--text-polish-steps", type=step_count, default=600,
+                        help="a last text decoder cycle at a lower rate, reading shape slips; it runs after a text "
+                        "state is loaded too")
     parser.add_argument("--text-lr", type=float, default=3e-3, help="text decoder peak learning rate")
     parser.add_argument("--pairs", type=positive_count, default=24,
                         help="CFG pairs (one image, both prompts) per text step")
@@ -644,6 +675,10 @@ def main(argv=None) -> int:
     text_config.attention_dropout = 0.0  # transformers' Emu3 default is 0.1: slower, and no use in a short run
     text_config._attn_implementation = "sdpa"
     lm = Emu3ForCausalLM(text_config)
+    seqs = Sequences(processor)
+    text_recipe = dict(pairs=args.pairs, und_batch=8, guidance=GUIDANCE, weights=LOSS_WEIGHTS, slip_rate=SLIP_RATE,
+                       near_covers=nearest_covers(protos, NEAR_COVERS), per_colour=args.prototypes + 1,
+                       code_ids=code_ids)
     text_state = Path(args.text_state) if args.text_state else None
     if text_state is not None and text_state.exists():
         saved = torch.load(text_state)
@@ -656,14 +691,20 @@ def main(argv=None) -> int:
         log(f"text decoder from {text_state} (delete it to retrain)")
     else:
         clock.start("text decoder")
-        text_losses = train_text(lm, Sequences(processor), image_ids, samples, steps=args.text_steps,
-                                 pairs=args.pairs, und_batch=8, lr=args.text_lr, seed=args.seed, guidance=GUIDANCE,
-                                 weights=LOSS_WEIGHTS, guided_ramp=0.2, slip_rate=SLIP_RATE,
-                                 per_colour=args.prototypes + 1, code_ids=code_ids)
+        text_losses = train_text(lm, seqs, image_ids, samples, steps=args.text_steps, lr=args.text_lr,
+                                 seed=args.seed, guided_ramp=0.2, cover_slip_rate=0.0, **text_recipe)
         clock.stop()
         if text_state is not None:
             torch.save({"lm": lm.state_dict(), "losses": text_losses, "image_ids": image_ids,
                         "time": clock.stages["text decoder"]}, text_state)
+    text_polish_losses = None
+    if args.text_polish_steps:
+        clock.start("text decoder polish")
+        # Both halves already predict, so the guided terms count from the first step.
+        text_polish_losses = train_text(lm, seqs, image_ids, samples, steps=args.text_polish_steps,
+                                        lr=TEXT_POLISH_LR, seed=args.seed + 1, guided_ramp=0.0,
+                                        cover_slip_rate=COVER_SLIP_RATE, **text_recipe)
+        clock.stop()
 
     # Assemble the Emu3ForConditionalGeneration checkpoint from the two trained parts.
     model = Emu3ForConditionalGeneration(config).eval()
@@ -680,11 +721,13 @@ def main(argv=None) -> int:
     meta = json.loads((out / "emu3_vllm.json").read_text())
     meta.update(size="shapes", seed=args.seed, training={
         "threads": args.threads, "images": args.images, "vq": vq_metrics, "text_losses": text_losses,
+        "text_losses_polished": text_polish_losses,
         "time": {**clock.stages, "total": clock.total()}})
     (out / "emu3_vllm.json").write_text(json.dumps(meta, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)
     size_mb = sum(f.stat().st_size for f in out.iterdir()) / 2**20
     log(json.dumps({"out": str(out), "size_mb": round(size_mb, 2), "vq": vq_metrics, "text_losses": text_losses,
+                    "text_losses_polished": text_polish_losses,
                     "time": clock.total()}))
     return 0
 

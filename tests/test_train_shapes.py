@@ -1,6 +1,7 @@
-"""`scripts/train_shapes.py` at a few steps per stage, so the recipe cannot rot: a staged run (the VQ-VAE loaded
-from its state) makes the same bytes as a run from scratch, and the decoder's polish changes the VQ decoder only,
-so the visual tokens and the text decoder it leaves are the unpolished run's bit for bit."""
+"""`scripts/train_shapes.py` at a few steps per stage, so the recipe cannot rot: a staged run (the VQ-VAE and the
+text decoder loaded from their states, each polish run after) makes the same bytes as a run from scratch. The VQ
+decoder's polish changes the VQ decoder only, so the visual tokens and the text decoder it leaves are the
+unpolished run's bit for bit; the text decoder's polish changes the text decoder only."""
 
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ pytestmark = pytest.mark.engine
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "train_shapes.py"
 FEW_STEPS = ["--images", "300", "--decoder-crop-steps", "10", "--encoder-steps", "10", "--decoder-tune-steps", "10",
-             "--text-steps", "3", "--pairs", "4"]
+             "--text-steps", "3", "--text-polish-steps", "3", "--pairs", "4"]
 # What the polish trains: the decoder, and the convolution in front of it. The encoder, its convolution and the
 # codebook give the visual tokens.
 DECODER = ("vqmodel.decoder.", "vqmodel.post_quant_conv.")
+TEXT_DECODER = ("text_model.",)
 
 
 def train(out: Path, *args: str) -> dict:
@@ -30,25 +32,35 @@ def train(out: Path, *args: str) -> dict:
     return json.loads((out / "emu3_vllm.json").read_text())["training"]
 
 
-def test_a_staged_run_equals_a_run_from_scratch_and_the_polish_touches_only_the_decoder(tmp_path):
-    state = tmp_path / "vq.pt"
-    unpolished = train(tmp_path / "unpolished", "--decoder-polish-steps", "0")
-    scratch = train(tmp_path / "scratch", "--decoder-polish-steps", "10", "--vq-state", str(state))
-    assert state.exists()
-    staged = train(tmp_path / "staged", "--decoder-polish-steps", "10", "--vq-state", str(state))
+def changed_tensors(a: Path, b: Path) -> set[str]:
+    before, after = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert before.keys() == after.keys()
+    return {name for name in before if not before[name].equal(after[name])}
+
+
+def test_a_staged_run_equals_a_run_from_scratch_and_each_polish_touches_only_its_decoder(tmp_path):
+    states = ["--vq-state", str(tmp_path / "vq.pt"), "--text-state", str(tmp_path / "text.pt")]
+    unpolished = train(tmp_path / "unpolished", "--decoder-polish-steps", "0", "--text-polish-steps", "0")
+    vq_polished = train(tmp_path / "vq_polished", "--decoder-polish-steps", "10", "--text-polish-steps", "0")
+    scratch = train(tmp_path / "scratch", "--decoder-polish-steps", "10", *states)
+    assert (tmp_path / "vq.pt").exists() and (tmp_path / "text.pt").exists()
+    staged = train(tmp_path / "staged", "--decoder-polish-steps", "10", *states)
 
     assert (tmp_path / "staged" / "model.safetensors").read_bytes() == \
         (tmp_path / "scratch" / "model.safetensors").read_bytes()
     assert staged["text_losses"] == scratch["text_losses"] == unpolished["text_losses"]
+    assert staged["text_losses_polished"] == scratch["text_losses_polished"]
+    assert unpolished["text_losses_polished"] is None
+    assert vq_polished["vq"] == scratch["vq"]
     assert "decoder_mse_polished" in scratch["vq"] and "decoder_mse_polished" not in unpolished["vq"]
-    assert "vq decoder polish" in staged["time"] and "vq decoder polish" not in unpolished["time"]
+    for stage in ("vq decoder polish", "text decoder polish"):
+        assert stage in staged["time"] and stage not in unpolished["time"]
     assert all(stage["processor"] for name, stage in scratch["time"].items() if name != "total")
 
-    before = load_file(tmp_path / "unpolished" / "model.safetensors")
-    after = load_file(tmp_path / "scratch" / "model.safetensors")
-    assert before.keys() == after.keys()
-    changed = {name for name in before if not before[name].equal(after[name])}
+    changed = changed_tensors(tmp_path / "unpolished", tmp_path / "vq_polished")
     assert changed and all(name.startswith(DECODER) for name in changed), sorted(changed)[:5]
+    changed = changed_tensors(tmp_path / "vq_polished", tmp_path / "scratch")
+    assert changed and all(name.startswith(TEXT_DECODER) for name in changed), sorted(changed)[:5]
 
 
 @pytest.mark.parametrize(("flag", "value", "message"), [
