@@ -456,8 +456,8 @@ def train_text(lm, seqs: Sequences, image_ids: torch.Tensor, samples: list, *, s
       `code_ids[code]` is a code's token, codes as `coloured_code` numbers them): both halves learn to carry on
       in the caption's colour;
     - then a share `cover_slip_rate` take one of their cover's nearest others (`near_covers[cover]`, same
-      colour): a corner a little rounded, a side a little bent. Both halves learn to carry on in the caption's
-      shape rather than the one the slip starts. A random other cover would be no slip a drawing makes, and
+      colour): a corner a little rounded, a side a little bent, meant to teach both halves to carry on in the
+      caption's shape rather than the one the slip starts. A random other cover would be no slip a drawing makes, and
       costs shape scores. The polish reads these; the first cycle does not (a run reading them from the start
       drew no better)."""
     rng = np.random.default_rng(seed)
