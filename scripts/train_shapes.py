@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 from emu3_vllm import shapes
 from emu3_vllm.cfg_pairs import ImageSpec, PromptTokens, pair_prompts
+from emu3_vllm.cli import int_at_least
 from emu3_vllm.offline.items import UnderstandingItem
 from emu3_vllm.offline.understanding import build_prompt
 from emu3_vllm.prompts import NEGATIVE_PROMPT, POSITIVE_SUFFIX, understanding_prompt
@@ -561,20 +562,9 @@ def train_text(lm, seqs: Sequences, image_ids: torch.Tensor, samples: list, *, s
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def step_count(text: str) -> int:
-    """argparse type of a stage's step count: 0 skips the stage."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a step count of 0 or more, got {value}")
-    return value
-
-
-def positive_count(text: str) -> int:
-    """argparse type of a count the recipe divides by or draws from (threads, images, prototypes, pairs)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a count of 1 or more, got {value}")
-    return value
+# argparse types: a stage's step count (0 skips the stage), and a count the recipe divides by or draws from.
+step_count = int_at_least(0, "a step count of 0 or more")
+positive_count = int_at_least(1, "a count of 1 or more")
 
 
 def main(argv=None) -> int:
