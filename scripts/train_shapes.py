@@ -581,7 +581,7 @@ def main(argv=None) -> int:
     parser.add_argument("--decoder-polish-steps", type=step_count, default=1600,
                         help="a last decoder cycle at a lower rate; it runs after a VQ state is loaded too")
     parser.add_argument("--text-steps", type=step_count, default=1350)
-    parser.add_argument("--text-polish-steps", type=step_count, default=600,
+    parser.add_argument("--text-polish-steps", type=step_count, default=1200,
                         help="a last text decoder cycle at a lower rate, reading shape slips; it runs after a text "
                         "state is loaded too")
     parser.add_argument("--text-lr", type=float, default=3e-3, help="text decoder peak learning rate")

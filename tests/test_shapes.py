@@ -28,10 +28,10 @@ SIZE = 64
 # Bars: what the checkpoint scored on this seed set and on a second one (scripts/score_shapes.py, the README's
 # table), less the spread between the two and a margin. With hashed sampling noise a seed draws the same image on
 # any run, so the margin is for other seeds' luck and for other hardware's rounding, not for this run's.
-CFG3_BARS = {"colour": 0.95, "shape": 0.90, "off_colour": 0.02}  # scored 0.99-1.00 / 0.90-0.97 / 1.1-1.5 %
-CFG5_BARS = {"shape": 0.82, "off_colour": 0.025}  # scored 0.86-0.89 / 1.8-1.9 %
-CFG1_BARS = {"colour": 0.95, "shape": 0.84}  # scored 1.00 / 0.90-0.96
-UNDERSTANDING_BAR = 0.95  # scored 0.98-1.00 on each question
+CFG3_BARS = {"colour": 0.95, "shape": 0.90, "off_colour": 0.02}  # scored 1.00 / 0.958 / 1.3 %
+CFG5_BARS = {"shape": 0.86, "off_colour": 0.025}  # scored 0.92-0.94 / 1.7-1.8 %
+CFG1_BARS = {"colour": 0.95, "shape": 0.86}  # scored 0.96-1.00 / 0.93-0.96
+UNDERSTANDING_BAR = 0.95  # scored 1.00 on each question
 PSNR_MIN_BAR, PSNR_MEAN_BAR = 24.5, 26.0  # worst of 24 scored 25.0-25.3 dB, mean 27.8-29.2 dB
 VISUAL_COT_BAR = 0.9  # scored 1.00 (18 of 18)
 
